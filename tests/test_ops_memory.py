@@ -1,0 +1,202 @@
+"""The chunked memory op against its token-loop reference (float64): outputs, final state, every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans_train.ops import debug_checks, memory_update, memory_update_reference
+
+TOL = 1e-9  # max abs error, float64, for outputs, state and gradients
+B, H, D = 2, 2, 8
+
+
+def make_inputs(T: int, n_layers: int, per_layer_theta=False, layer_norm=True, seed: int = 0, dtype=torch.float64):
+    """Well-conditioned inputs as the layer produces them: unit-norm q/k, rates in (0, 1), small initial state.
+
+    Conditioning matters for a 1e-9 absolute tolerance: an inner gradient descent that diverges (weights that
+    grow without LN, or shrink under LN until it amplifies round-off) turns 1e-16 round-off into any error.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    q = F.normalize(randn(B, H, T, D), dim=-1)
+    k = F.normalize(randn(B, H, T, D), dim=-1)
+    v = randn(B, H, T, D)
+    theta = 0.05 * (rand(B, H, T, n_layers) if per_layer_theta else rand(B, H, T))
+    eta = 0.2 + 0.8 * rand(B, H, T)
+    alpha = 0.02 * rand(B, H, T)  # the weights keep their scale over T (LN stays conditioned)
+    dims = [D] + [4 * D] * (n_layers - 1) + [D]
+    # |k| = 1: with LN, a unit-std first layer and 2/sqrt(in) after it keep f(k) at unit scale (LN well
+    # conditioned); without LN, 1/sqrt(in) keeps the inner gradient step stable.
+    scale = [(1.0 if i == 0 else 2.0 / d**0.5) if layer_norm else 1.0 / d**0.5 for i, d in enumerate(dims[:-1])]
+    W = tuple(randn(B, H, dims[i], dims[i + 1]) * scale[i] for i in range(n_layers))
+    S = tuple(0.05 * randn(B, H, dims[i], dims[i + 1]) for i in range(n_layers))
+    tensors = [q, k, v, theta, eta, alpha, *W, *S]
+    for t in tensors:
+        t.requires_grad_(True)
+    return (q, k, v, theta, eta, alpha, W, S), tensors
+
+
+def run_with_grads(fn, args, leaves, **kw):
+    y, W, S = fn(*args, **kw)
+    # A fixed random-looking cotangent for y and the state, so every output feeds the gradient differently.
+    cot = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    loss = (y * cot).sum() + sum((w * w).sum() for w in W) + sum(1.3 * s.sum() for s in S)
+    grads = torch.autograd.grad(loss, leaves)
+    return y, W, S, grads
+
+
+NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
+
+
+def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False):
+    args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm)
+    kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
+    fast = run_with_grads(memory_update, args, leaves, **kw)
+    ref = run_with_grads(memory_update_reference, args, leaves, **kw)
+    errors = {"y": (fast[0] - ref[0]).abs().max().item()}
+    for i in range(n_layers):
+        errors[f"weights_out[{i}]"] = (fast[1][i] - ref[1][i]).abs().max().item()
+        errors[f"momentum_out[{i}]"] = (fast[2][i] - ref[2][i]).abs().max().item()
+    names = NAMES + [f"weights[{i}]" for i in range(n_layers)] + [f"momentum[{i}]" for i in range(n_layers)]
+    for name, gf, gr in zip(names, fast[3], ref[3]):
+        errors[f"grad {name}"] = (gf - gr).abs().max().item()
+        # the comparison must be about real numbers, not two zeros or two NaNs
+        assert torch.isfinite(gr).all() and gr.abs().max() > 0, name
+    bad = {k: v for k, v in errors.items() if not v <= TOL}
+    assert not bad, f"max abs errors above {TOL}: {bad}"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16, 64], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("n_layers", [1, 2, 3], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize(
+    "residual,layer_norm", [(True, True), (False, False), (True, False), (False, True)], ids=["res+ln", "plain", "res", "ln"]
+)
+def test_fast_matches_reference(chunk_size, n_layers, residual, layer_norm):
+    T = 100 if chunk_size == 64 else 37  # never a multiple of the chunk: the last chunk is partial
+    compare(T, chunk_size, n_layers, residual, layer_norm)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_per_layer_theta(chunk_size):
+    compare(37, chunk_size, 2, True, True, per_layer_theta=True)
+
+
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_short_sequences(T):
+    """T smaller than, or equal to, one chunk."""
+    compare(T, 16, 2, True, True)
+
+
+def test_chunk_one_equals_fully_sequential_update():
+    """With chunk 1 every gradient is taken at the current weights: a plain online gradient step with momentum."""
+    args, _ = make_inputs(9, 1)
+    q, k, v, theta, eta, alpha, W, S = args
+    y, W1, S1 = memory_update(q, k, v, theta, eta, alpha, W, S, chunk_size=1, residual=False, layer_norm=False)
+    w, s = W[0].detach(), S[0].detach()
+    for t in range(9):
+        kt, vt = k[:, :, t].detach(), v[:, :, t].detach()
+        err = torch.einsum("bhi,bhio->bho", kt, w) - vt  # linear memory: grad = 2 k^T (k W - v)
+        u = 2 * torch.einsum("bhi,bho->bhio", kt, err)
+        s = eta[:, :, t, None, None].detach() * s - theta[:, :, t, None, None].detach() * u
+        w = (1 - alpha[:, :, t, None, None].detach()) * w + s
+    torch.testing.assert_close(W1[0].detach(), w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S1[0].detach(), s, rtol=0, atol=1e-12)
+
+
+def test_chunks_are_aligned_to_call_start_and_state_chains():
+    """Two calls on chunk-aligned halves equal one call over the whole sequence."""
+    args, _ = make_inputs(48, 2)
+    q, k, v, theta, eta, alpha, W, S = args
+    y, W1, S1 = memory_update(q, k, v, theta, eta, alpha, W, S, chunk_size=16)
+    cut = 32
+    ya, Wa, Sa = memory_update(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], theta[:, :, :cut], eta[:, :, :cut],
+                               alpha[:, :, :cut], W, S, chunk_size=16)
+    yb, Wb, Sb = memory_update(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], theta[:, :, cut:], eta[:, :, cut:],
+                               alpha[:, :, cut:], Wa, Sa, chunk_size=16)
+    assert (torch.cat([ya, yb], 2) - y).abs().max() <= TOL
+    for a, b in zip(W1 + S1, Wb + Sb):
+        assert (a - b).abs().max() <= TOL
+
+
+def test_reduced_precision_keeps_state_fp32():
+    args, _ = make_inputs(20, 2, dtype=torch.float32)
+    q, k, v, theta, eta, alpha, W, S = args
+    y32, W32, _ = memory_update(q, k, v, theta, eta, alpha, W, S, chunk_size=8)
+    bf = lambda x: x.detach().to(torch.bfloat16)  # noqa: E731
+    y16, W16, S16 = memory_update(bf(q), bf(k), bf(v), theta, eta, alpha, W, S, chunk_size=8)
+    assert y16.dtype == torch.bfloat16 and W16[0].dtype == torch.float32 and S16[0].dtype == torch.float32
+    assert (y16.float() - y32).abs().max() < 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ac, W_ac, _ = memory_update(q, k, v, theta, eta, alpha, W, S, chunk_size=8)
+    assert y_ac.dtype == torch.float32 and W_ac[0].dtype == torch.float32
+    torch.testing.assert_close(y_ac, y32)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+
+def _good(T=10, n_layers=2):
+    args, _ = make_inputs(T, n_layers)
+    return [a.detach() if torch.is_tensor(a) else tuple(x.detach() for x in a) for a in args]
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(0, a[0][0]), r"q must be \(B, H, T, D\)"),
+        (lambda a: a.__setitem__(1, a[1][:, :, :5]), r"k.shape=.* must equal q.shape"),
+        (lambda a: a.__setitem__(3, a[3][:, :1]), r"theta.shape="),
+        (lambda a: a.__setitem__(4, a[4].unsqueeze(-1)), r"eta.shape="),
+        (lambda a: a.__setitem__(5, a[5][..., :3]), r"alpha.shape="),
+        (lambda a: a.__setitem__(6, (a[6][0][..., :7, :], a[6][1])), r"weights\[0\].shape\[2\]=7 must equal q.shape\[3\]"),
+        (lambda a: (a.__setitem__(6, (a[6][0], a[6][1][..., :5])), a.__setitem__(7, (a[7][0], a[7][1][..., :5]))),
+         r"weights\[1\].shape\[3\]=5 must equal q.shape\[3\]"),
+        (lambda a: a.__setitem__(7, a[7][:1]), r"len\(momentum\)=1 must equal len\(weights\)=2"),
+        (lambda a: a.__setitem__(7, (a[7][0][:1], a[7][1])), r"momentum\[0\].shape=.* must equal weights\[0\].shape"),
+        (lambda a: a.__setitem__(2, a[2].float()), r"v.dtype=torch.float32 must equal q.dtype=torch.float64"),
+        (lambda a: a.__setitem__(4, a[4].long()), r"eta must be a floating-point tensor"),
+        (lambda a: a.__setitem__(6, ()), r"at least one memory layer"),
+    ],
+    ids=["q-rank", "k-shape", "theta-shape", "eta-rank", "alpha-len", "w0-in", "wL-out", "momentum-len",
+         "momentum-shape", "dtype", "int-rate", "no-layers"],
+)
+def test_bad_input_names_the_argument(mutate, match):
+    args = _good()
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        memory_update(*args)
+
+
+def test_bad_chunk_size():
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        memory_update(*_good(), chunk_size=0)
+
+
+def test_debug_mode_checks_values():
+    args = _good()
+    args[3] = args[3] + 2.0  # theta outside [0, 1]
+    memory_update(*args)  # no sync, no check outside debug mode
+    with debug_checks(), pytest.raises(ValueError, match=r"theta must lie in \[0, 1\]"):
+        memory_update(*args)
+    args = _good()
+    args[0] = args[0].clone()
+    args[0][0, 0, 0, 0] = float("nan")
+    with debug_checks(), pytest.raises(ValueError, match="q holds non-finite values"):
+        memory_update(*args)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu_reference():
+    args, _ = make_inputs(37, 2)
+    dev = [a.detach().cuda() if torch.is_tensor(a) else tuple(x.detach().cuda() for x in a) for a in args]
+    leaves_cpu = [a for a in args[:6]] + list(args[6]) + list(args[7])
+    leaves_gpu = [a.requires_grad_() for a in dev[:6]] + [w.requires_grad_() for w in dev[6]] + [
+        s.requires_grad_() for s in dev[7]]
+    ref = run_with_grads(memory_update_reference, args, leaves_cpu, chunk_size=16)
+    fast = run_with_grads(memory_update, dev, leaves_gpu, chunk_size=16)
+    assert (fast[0].cpu() - ref[0]).abs().max() <= TOL
+    for gf, gr in zip(fast[3], ref[3]):
+        assert (gf.cpu() - gr).abs().max() <= TOL

@@ -1,0 +1,174 @@
+"""Neural long-term memory update (Titans): the public op, its fast path and its reference.
+
+`memory_update` validates its inputs and runs the chunked dual form (`chunk.py`);
+`memory_update_reference` is the token-loop specification (`naive.py`) with the same signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+
+from .chunk import memory_update_chunked
+from .naive import memory_update_reference
+
+__all__ = ["memory_update", "memory_update_reference", "debug_checks", "set_debug"]
+
+# Value checks that need a device sync (rates outside [0, 1], non-finite inputs) only run in debug mode.
+_DEBUG = os.environ.get("TITANS_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn the op's value checks (rates in [0, 1], finite inputs) on or off for the whole process."""
+    global _DEBUG
+    _DEBUG = bool(enabled)
+
+
+@contextlib.contextmanager
+def debug_checks(enabled: bool = True):
+    """Context manager form of `set_debug`, restoring the previous setting on exit."""
+    global _DEBUG
+    old, _DEBUG = _DEBUG, bool(enabled)
+    try:
+        yield
+    finally:
+        _DEBUG = old
+
+
+def memory_update(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    weights: tuple[Tensor, ...],
+    momentum: tuple[Tensor, ...],
+    *,
+    chunk_size: int = 16,
+    residual: bool = True,
+    layer_norm: bool = True,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Read and write a Titans neural memory over a sequence (chunked dual form, exact per token).
+
+    The memory of each (batch, head) is an MLP with fast weights W = (W_1, ..., W_L):
+    M_W(x) = x + LN(f_W(x)), f_W(x) = gelu(... gelu(x W_1) ...) W_L (exact GELU, no bias; LN without affine,
+    eps 1e-5; `residual` / `layer_norm` switch the two parts off). For every token t, with anchor = the weights at
+    the start of t's memory chunk (chunks of `chunk_size` tokens aligned to t = 0 of this call):
+
+        u_t = grad_W ||M_anchor(k_t) - v_t||^2,  S_t = eta_t S_{t-1} - theta_t u_t,
+        W_t = (1 - alpha_t) W_{t-1} + S_t,        y_t = M_{W_t}(q_t).
+
+    Args:
+        q, k, v: (B, H, T, D) queries, keys, values.
+        theta: (B, H, T) inner learning rate in [0, 1] (already scaled), or (B, H, T, L) for one rate per
+            memory layer.
+        eta: (B, H, T) momentum decay in [0, 1].
+        alpha: (B, H, T) forgetting gate in [0, 1].
+        weights: L tensors, layer i (B, H, in_i, out_i) with in_1 = out_L = D and out_i = in_{i+1}.
+        momentum: L tensors shaped like `weights` (S_0; zeros at the start of a stream).
+        chunk_size: tokens per memory chunk (one anchor per chunk). T need not be a multiple of it.
+
+    Returns:
+        y: (B, H, T, D), retrieval of each token after its own update, in q's dtype.
+        weights_out, momentum_out: the state after the last token (fp32 under reduced precision).
+
+    Gradients flow to every input, including the rates and the initial state. Under autocast, or with fp16/bf16
+    inputs, all of the memory math runs in fp32.
+
+    Example:
+        >>> B, H, T, D = 1, 2, 10, 8
+        >>> q = k = v = torch.randn(B, H, T, D)
+        >>> r = torch.full((B, H, T), 0.1)
+        >>> W = (torch.randn(B, H, D, 4 * D) * 0.1, torch.randn(B, H, 4 * D, D) * 0.1)
+        >>> y, W1, S1 = memory_update(q, k, v, r, r, r, W, tuple(map(torch.zeros_like, W)), chunk_size=4)
+        >>> y.shape
+        torch.Size([1, 2, 10, 8])
+    """
+    _validate(q, k, v, theta, eta, alpha, weights, momentum, chunk_size)
+    if _DEBUG:
+        _check_values(q, k, v, theta, eta, alpha, weights, momentum)
+    out_dtype = q.dtype
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if theta.dim() == 3:
+        theta = theta.unsqueeze(-1).expand(*theta.shape, len(weights))
+    cast = lambda x: x.to(compute)  # noqa: E731
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        y, w_out, s_out = memory_update_chunked(
+            *map(cast, (q, k, v, theta, eta, alpha)),
+            tuple(map(cast, weights)),
+            tuple(map(cast, momentum)),
+            chunk_size=chunk_size,
+            residual=residual,
+            layer_norm=layer_norm,
+        )
+    return y.to(out_dtype), w_out, s_out
+
+
+def _validate(q, k, v, theta, eta, alpha, weights, momentum, chunk_size) -> None:
+    named = {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha}
+    for name, x in named.items():
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name in ("q", "k", "v"):
+        if named[name].dim() != 4:
+            raise ValueError(f"{name} must be (B, H, T, D), got {name}.shape={tuple(named[name].shape)}")
+    for name in ("k", "v"):
+        if named[name].shape != q.shape:
+            raise ValueError(f"{name}.shape={tuple(named[name].shape)} must equal q.shape={tuple(q.shape)}")
+    B, H, T, D = q.shape
+    if T == 0:
+        raise ValueError("q.shape[2] (sequence length) must be >= 1, got 0")
+    if not isinstance(weights, (tuple, list)) or not isinstance(momentum, (tuple, list)):
+        raise ValueError("weights and momentum must be tuples of tensors, one per memory layer")
+    L = len(weights)
+    if L == 0:
+        raise ValueError("weights must hold at least one memory layer, got 0")
+    if len(momentum) != L:
+        raise ValueError(f"len(momentum)={len(momentum)} must equal len(weights)={L}")
+    for name in ("eta", "alpha"):
+        if named[name].shape != (B, H, T):
+            raise ValueError(f"{name}.shape={tuple(named[name].shape)} must be (B, H, T)={(B, H, T)}")
+    if theta.shape != (B, H, T) and theta.shape != (B, H, T, L):
+        raise ValueError(f"theta.shape={tuple(theta.shape)} must be (B, H, T)={(B, H, T)} or (B, H, T, L)={(B, H, T, L)}")
+    prev_out = D
+    for i, (w, s) in enumerate(zip(weights, momentum)):
+        if not isinstance(w, Tensor) or not isinstance(s, Tensor):
+            raise ValueError(f"weights[{i}] and momentum[{i}] must be tensors")
+        if w.dim() != 4 or w.shape[:2] != (B, H):
+            raise ValueError(f"weights[{i}].shape={tuple(w.shape)} must be (B, H, in, out) with (B, H)={(B, H)}")
+        if w.shape[2] != prev_out:
+            what = "q.shape[3] (D)" if i == 0 else f"weights[{i - 1}].shape[3]"
+            raise ValueError(f"weights[{i}].shape[2]={w.shape[2]} must equal {what}={prev_out}")
+        if s.shape != w.shape:
+            raise ValueError(f"momentum[{i}].shape={tuple(s.shape)} must equal weights[{i}].shape={tuple(w.shape)}")
+        prev_out = w.shape[3]
+    if prev_out != D:
+        raise ValueError(f"weights[{L - 1}].shape[3]={prev_out} must equal q.shape[3] (D)={D}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    tensors = {**named, **{f"weights[{i}]": w for i, w in enumerate(weights)},
+               **{f"momentum[{i}]": s for i, s in enumerate(momentum)}}
+    for name, x in tensors.items():
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {name}.dtype={x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}.device={x.device} must equal q.device={q.device}")
+    for name in ("k", "v"):
+        if named[name].dtype != q.dtype:
+            raise ValueError(f"{name}.dtype={named[name].dtype} must equal q.dtype={q.dtype}")
+
+
+def _check_values(q, k, v, theta, eta, alpha, weights, momentum) -> None:
+    for name, x in {"theta": theta, "eta": eta, "alpha": alpha}.items():
+        lo, hi = x.min().item(), x.max().item()
+        if not (0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    tensors = {"q": q, "k": k, "v": v, **{f"weights[{i}]": w for i, w in enumerate(weights)},
+               **{f"momentum[{i}]": s for i, s in enumerate(momentum)}}
+    for name, x in tensors.items():
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} holds non-finite values (NaN or inf)")

@@ -1,0 +1,69 @@
+"""The specification of the neural-memory update: a plain loop over tokens.
+
+Slow and obviously correct. Every fast path in `chunk.py` is tested against this function; nothing else
+should call it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LN_EPS = 1e-5
+
+
+def memory_forward(weights: list[Tensor], x: Tensor, residual: bool, layer_norm: bool) -> Tensor:
+    """M_W(x) = x + LN(f_W(x)), f_W(x) = gelu(... gelu(x W_1) ...) W_L. x: (B, H, D), W_i: (B, H, in, out)."""
+    h = x
+    for i, w in enumerate(weights):
+        h = torch.einsum("bhi,bhio->bho", h, w)
+        if i < len(weights) - 1:
+            h = F.gelu(h)  # exact erf GELU
+    if layer_norm:
+        h = F.layer_norm(h, h.shape[-1:], eps=LN_EPS)
+    return x + h if residual else h
+
+
+def memory_update_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    weights: tuple[Tensor, ...],
+    momentum: tuple[Tensor, ...],
+    *,
+    chunk_size: int = 16,
+    residual: bool = True,
+    layer_norm: bool = True,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Token loop with `torch.func.grad`; same signature and meaning as `memory_update`.
+
+    For every token t: u_t = grad_W ||M_{W_anchor}(k_t) - v_t||^2 (anchor = weights at the start of t's chunk,
+    chunks aligned to t = 0), S_t = eta_t S_{t-1} - theta_t u_t, W_t = (1 - alpha_t) W_{t-1} + S_t,
+    y_t = M_{W_t}(q_t). `theta` may be (B, H, T) or (B, H, T, L) (one rate per memory layer).
+    """
+    n_layers = len(weights)
+    T = q.shape[2]
+    if theta.dim() == 3:
+        theta = theta.unsqueeze(-1).expand(*theta.shape, n_layers)
+
+    def inner_loss(ws: tuple[Tensor, ...], k_t: Tensor, v_t: Tensor) -> Tensor:
+        # Summing over (B, H) keeps the gradient per (B, H): each head's loss only sees its own weights.
+        return (memory_forward(list(ws), k_t, residual, layer_norm) - v_t).pow(2).sum()
+
+    grad_fn = torch.func.grad(inner_loss)
+    W, S = list(weights), list(momentum)
+    anchor = tuple(W)
+    ys = []
+    for t in range(T):
+        if t % chunk_size == 0:
+            anchor = tuple(W)
+        u = grad_fn(anchor, k[:, :, t], v[:, :, t])
+        for i in range(n_layers):
+            S[i] = eta[:, :, t, None, None] * S[i] - theta[:, :, t, i, None, None] * u[i]
+            W[i] = (1 - alpha[:, :, t, None, None]) * W[i] + S[i]
+        ys.append(memory_forward(W, q[:, :, t], residual, layer_norm))
+    return torch.stack(ys, dim=2), tuple(W), tuple(S)
