@@ -12,10 +12,10 @@ import os
 import torch
 from torch import Tensor
 
-from .chunk import memory_update_chunked
+from .chunk import memory_apply, memory_update_chunked
 from .naive import memory_update_reference
 
-__all__ = ["memory_update", "memory_update_reference", "debug_checks", "set_debug"]
+__all__ = ["memory_update", "memory_update_reference", "memory_apply", "debug_checks", "set_debug"]
 
 # Value checks that need a device sync (rates outside [0, 1], non-finite inputs) only run in debug mode.
 _DEBUG = os.environ.get("TITANS_DEBUG", "0") not in ("", "0", "false", "False")

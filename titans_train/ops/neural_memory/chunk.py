@@ -170,3 +170,18 @@ def memory_update_chunked(
     w_out = tuple(w.reshape(B, H, *w.shape[1:]) for w in W)
     s_out = tuple(s.reshape(B, H, *s.shape[1:]) for s in S)
     return y, w_out, s_out
+
+
+def memory_apply(x: Tensor, weights: tuple[Tensor, ...], *, residual: bool = True, layer_norm: bool = True) -> Tensor:
+    """Read the memory without writing it: M_W(x) for every token with one set of weights.
+
+    x: (B, H, T, D); weights: L tensors (B, H, in, out). Returns (B, H, T, D).
+    """
+    h = x
+    for i, w in enumerate(weights):
+        h = h @ w
+        if i < len(weights) - 1:
+            h = F.gelu(h)
+    if layer_norm:
+        h = F.layer_norm(h, h.shape[-1:], eps=LN_EPS)
+    return x + h if residual else h

@@ -1,0 +1,267 @@
+"""NeuralMemory: the Titans long-term memory as a sequence layer with a streaming state.
+
+x -> q, k, v (linear, causal depthwise conv k=4, SiLU; q and k L2-normalised per head) and per-token, per-head
+rates theta (inner lr, scaled by `max_lr`), eta (momentum decay), alpha (forgetting), all sigmoid of linear maps
+of x. The memory op (`titans_train.ops.memory_update`) writes k -> v into per-head fast weights and reads q back;
+the read-out goes through a per-head RMS norm, a SiLU gate from x, and the output projection.
+
+Streaming: the state keeps the fast weights at the last memory-chunk boundary (the anchor of the current chunk)
+and the inputs of the tokens seen since then (fewer than `chunk_size`). The next call replays those tokens from
+the anchor, so feeding a sequence in pieces of any sizes gives exactly what one call gives, and the cost per
+call stays bounded by the chunk size (token-by-token decoding costs O(chunk_size) per token, not O(context)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import memory_apply, memory_update
+from .state import StateMixin
+
+
+@dataclass
+class MemoryState(StateMixin):
+    """Streaming state of one NeuralMemory layer (batch size B, H heads, head dim D).
+
+    weights, momentum: fast weights and momentum at the last memory-chunk boundary, L tensors (B, H, in, out).
+    pending: inputs of the tokens seen since that boundary (n < chunk_size of them): k, v (B, H, n, D),
+        theta (B, H, n, L), eta and alpha (B, H, n).
+    conv_tail: the last (kernel - 1) q/k/v projections before the causal conv, (B, kernel - 1, 3 * H * D),
+        for the update stream; query_tail the same for `retrieve`'s read-only stream (q projections only).
+    """
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...]
+    pending: tuple[Tensor, ...]
+    conv_tail: Tensor
+    query_tail: Tensor
+
+    @property
+    def tokens_in_chunk(self) -> int:
+        """Tokens seen since the last memory-chunk boundary."""
+        return self.pending[0].shape[2]
+
+
+class NeuralMemory(nn.Module):
+    """Multi-head Titans neural long-term memory.
+
+    Args:
+        dim: model width (input and output).
+        heads: memory heads; each has its own fast weights.
+        head_dim: per-head width D (default dim // heads).
+        depth: layers L of the memory MLP (D -> expansion*D -> ... -> D); 1 is the linear memory.
+        expansion: hidden width factor of the memory MLP.
+        chunk_size: memory chunk (tokens sharing one anchor for the inner gradient); paper default 16.
+        max_lr: theta = max_lr * sigmoid(.); the inner learning rate's ceiling.
+        per_layer_theta: a separate theta per memory layer (NeurIPS version) instead of one per head.
+        residual, layer_norm: M(x) = x + LN(f(x)); each part can be switched off.
+        conv_kernel: causal depthwise conv over q/k/v (0 or 1 disables it).
+        init_std: std of the learned initial fast weights W_0 is init_std / sqrt(fan_in).
+        theta_bias, eta_bias, alpha_bias: initial biases of the rate maps (sigmoid space); defaults give
+            theta = max_lr * 0.5, eta ~ 0.88, alpha ~ 0.0025 (forgetting over ~400 tokens) at init.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int | None = None,
+        depth: int = 2,
+        expansion: int = 4,
+        chunk_size: int = 16,
+        max_lr: float = 0.1,
+        per_layer_theta: bool = False,
+        residual: bool = True,
+        layer_norm: bool = True,
+        conv_kernel: int = 4,
+        init_std: float = 1.0,
+        theta_bias: float = 0.0,
+        eta_bias: float = 2.0,
+        alpha_bias: float = -6.0,
+    ):
+        super().__init__()
+        head_dim = head_dim or dim // heads
+        if head_dim * heads == 0:
+            raise ValueError(f"heads={heads} and head_dim={head_dim} must be positive")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
+        self.chunk_size, self.max_lr = chunk_size, max_lr
+        self.residual, self.layer_norm = residual, layer_norm
+        self.n_theta = depth if per_layer_theta else 1
+        self.conv_kernel = max(conv_kernel, 1)
+        inner = heads * head_dim
+
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        # Depthwise causal conv; weight (C, 1, K). Identity at init so q/k/v start as plain projections.
+        self.conv = nn.Conv1d(3 * inner, 3 * inner, self.conv_kernel, groups=3 * inner, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 0, -1] = 1.0
+        self.rates = nn.Linear(dim, heads * (self.n_theta + 2))  # [theta (n_theta) | eta | alpha] per head
+        with torch.no_grad():
+            self.rates.weight.normal_(0.0, 0.02)
+            bias = self.rates.bias.view(heads, self.n_theta + 2)
+            bias[:, : self.n_theta] = theta_bias
+            bias[:, -2] = eta_bias
+            bias[:, -1] = alpha_bias
+        dims = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+        self.init_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(heads, dims[i], dims[i + 1]) * (init_std / math.sqrt(dims[i])))
+            for i in range(depth)
+        )
+        self.out_norm = nn.Parameter(torch.ones(heads, head_dim))  # per-head RMS norm scale
+        self.gate = nn.Linear(dim, inner, bias=False)
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+
+    # ---- state --------------------------------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MemoryState:
+        """The state before any token: learned W_0 for every row, zero momentum, nothing pending."""
+        ref = self.init_weights[0]
+        device = device or ref.device
+        dtype = dtype or ref.dtype
+        H, D, K = self.heads, self.head_dim, self.conv_kernel
+        weights = tuple(w.to(device, dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights)
+        momentum = tuple(torch.zeros(batch_size, *w.shape, device=device, dtype=dtype) for w in self.init_weights)
+        empty = lambda *s: torch.zeros(batch_size, H, 0, *s, device=device, dtype=dtype)  # noqa: E731
+        pending = (empty(D), empty(D), empty(self.n_theta), empty(), empty())
+        conv_tail = torch.zeros(batch_size, K - 1, 3 * H * D, device=device, dtype=dtype)
+        return MemoryState(weights, momentum, pending, conv_tail, conv_tail[..., : H * D].clone())
+
+    def reset_state(self, state: MemoryState, rows: Tensor) -> MemoryState:
+        """Reset the batch rows where `rows` (bool, (B,)) is True to the initial state (a document starts).
+
+        Tokens pending in the current memory chunk stay in the batch (they are shared by all rows), but for reset
+        rows they become no-ops: with zero momentum, theta = 0 and alpha = 0 they leave W_0 untouched. The memory
+        chunk grid keeps its alignment to the stream, not to the new document.
+        """
+        fresh = self.init_state(rows.shape[0], state.conv_tail.device, state.conv_tail.dtype)
+
+        def pick(new: Tensor, old: Tensor) -> Tensor:
+            return torch.where(rows.view(-1, *([1] * (old.dim() - 1))), new.to(old.dtype), old)
+
+        k_p, v_p, theta_p, eta_p, alpha_p = state.pending
+        pending = (k_p, v_p, pick(torch.zeros_like(theta_p), theta_p), eta_p, pick(torch.zeros_like(alpha_p), alpha_p))
+        return MemoryState(
+            tuple(map(pick, fresh.weights, state.weights)),
+            tuple(map(pick, fresh.momentum, state.momentum)),
+            pending,
+            pick(fresh.conv_tail, state.conv_tail),
+            pick(fresh.query_tail, state.query_tail),
+        )
+
+    # ---- projections ------------------------------------------------------------------------------------------------
+
+    def _causal_conv(self, proj: Tensor, tail: Tensor, channels: slice) -> tuple[Tensor, Tensor]:
+        """Depthwise causal conv over time with the previous call's tail. proj: (B, T, C) -> (B, T, C)."""
+        seq = torch.cat([tail, proj], dim=1)  # (B, K - 1 + T, C)
+        weight = self.conv.weight[channels]
+        out = F.conv1d(seq.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2)
+        return out, seq[:, seq.shape[1] - (self.conv_kernel - 1):]
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def _rates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        r = self.rates(x)
+        r = r.float() if r.dtype in (torch.float16, torch.bfloat16) else r  # rates always in >= fp32
+        r = torch.sigmoid(r).view(B, T, self.heads, self.n_theta + 2).transpose(1, 2)
+        theta = self.max_lr * r[..., : self.n_theta]  # (B, H, T, n_theta)
+        return theta, r[..., -2], r[..., -1]
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        """Write every token into the memory and read it back after its own update. x: (B, T, dim)."""
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+        inner = self.heads * self.head_dim
+        qkv, conv_tail = self._causal_conv(self.qkv(x), state.conv_tail.to(x.dtype), slice(None))
+        q, k, v = (self._heads(t) for t in F.silu(qkv).split(inner, dim=-1))  # (B, H, T, D) each
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        theta, eta, alpha = self._rates(x)
+
+        # Replay the pending tokens of the current memory chunk from its anchor (their outputs are dropped).
+        k_p, v_p, theta_p, eta_p, alpha_p = state.pending
+        n_p = k_p.shape[2]
+        if n_p:
+            q = torch.cat([torch.zeros_like(k_p).to(q.dtype), q], dim=2)
+            k, v = torch.cat([k_p.to(k.dtype), k], 2), torch.cat([v_p.to(v.dtype), v], 2)
+            theta, eta, alpha = (torch.cat([a.to(b.dtype), b], 2) for a, b in ((theta_p, theta), (eta_p, eta), (alpha_p, alpha)))
+        n = n_p + T
+        n_full = n - n % self.chunk_size
+        theta_arg = theta if self.n_theta > 1 else theta[..., 0]
+        kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm)
+        weights, momentum, ys = state.weights, state.momentum, []
+        if n_full:
+            y, weights, momentum = memory_update(
+                q[:, :, :n_full], k[:, :, :n_full], v[:, :, :n_full], theta_arg[:, :, :n_full],
+                eta[:, :, :n_full], alpha[:, :, :n_full], weights, momentum, **kw,
+            )
+            ys.append(y)
+        if n_full < n:  # the partial last memory chunk: read it now, keep its inputs for the next call
+            y, _, _ = memory_update(
+                q[:, :, n_full:], k[:, :, n_full:], v[:, :, n_full:], theta_arg[:, :, n_full:],
+                eta[:, :, n_full:], alpha[:, :, n_full:], weights, momentum, **kw,
+            )
+            ys.append(y)
+        y = torch.cat(ys, dim=2)[:, :, n_p:] if len(ys) > 1 or n_p else ys[0]
+        pending = tuple(t[:, :, n_full:] for t in (k, v, theta, eta, alpha))
+        new_state = MemoryState(weights, momentum, pending, conv_tail, state.query_tail)
+        return self._output(y, x), new_state
+
+    def retrieve(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        """Read the memory without writing it: M_W(q) with the weights after the state's last token.
+
+        Uses the same q projection and conv as `forward` (with its own conv tail, carried in the returned
+        state), so MAC can read with a segment's tokens before writing the attention output of that segment.
+        """
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device)
+        inner = self.heads * self.head_dim
+        proj = F.linear(x, self.qkv.weight[:inner])
+        q, query_tail = self._causal_conv(proj, state.query_tail.to(x.dtype), slice(0, inner))
+        q = F.normalize(self._heads(F.silu(q)), dim=-1)
+        weights = self.current_weights(state)
+        y = memory_apply(q.to(weights[0].dtype), weights, residual=self.residual, layer_norm=self.layer_norm)
+        new_state = MemoryState(state.weights, state.momentum, state.pending, state.conv_tail, query_tail)
+        return self._output(y.to(x.dtype), x), new_state
+
+    def current_weights(self, state: MemoryState) -> tuple[Tensor, ...]:
+        """Fast weights after the state's last token (the anchor advanced over the pending tokens)."""
+        if not state.tokens_in_chunk:
+            return state.weights
+        k_p, v_p, theta_p, eta_p, alpha_p = state.pending
+        theta = theta_p if self.n_theta > 1 else theta_p[..., 0]
+        _, weights, _ = memory_update(
+            k_p, k_p, v_p, theta, eta_p, alpha_p, state.weights, state.momentum, chunk_size=self.chunk_size,
+            residual=self.residual, layer_norm=self.layer_norm,
+        )
+        return weights
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        """Per-head RMS norm, SiLU gate from the layer input, output projection. y: (B, H, T, D) -> (B, T, dim)."""
+        y = y.to(x.dtype)
+        y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * self.out_norm[:, None, :]
+        B, H, T, D = y.shape
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.out_proj(y * F.silu(self.gate(x)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
+            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, n_theta={self.n_theta}, "
+            f"residual={self.residual}, layer_norm={self.layer_norm}"
+        )
