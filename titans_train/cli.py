@@ -11,7 +11,9 @@ import importlib
 import sys
 
 # subcommand -> (module, one-line help). Add a row when a subcommand lands.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("models.info", "what a recipe builds: variant, sizes, parameters, FLOPs per token (meta device)"),
+}
 
 
 class UserError(Exception):
