@@ -12,6 +12,7 @@ import sys
 
 # subcommand -> (module, one-line help). Add a row when a subcommand lands.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("data.prepare", "raw text -> tokenized webdataset shards + manifest.json"),
     "info": ("models.info", "what a recipe builds: variant, sizes, parameters, FLOPs per token (meta device)"),
 }
 
