@@ -44,3 +44,51 @@ class ToyLM(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         return 6 * sum(p.numel() for p in self.parameters())
+
+
+class _Windows(torch.utils.data.IterableDataset):
+    """Deterministic windows of a repeating pattern plus noise, from batch index `start` on."""
+
+    def __init__(self, dm: "ToyData", split: str):
+        self.dm, self.split = dm, split
+
+    def __iter__(self):
+        dm = self.dm
+        i = dm.consumed if self.split == "train" else 0
+        while True:
+            g = torch.Generator().manual_seed(dm.seed * 1000003 + i + (0 if self.split == "train" else 10**6))
+            L = dm.n_chunks * dm.chunk_len + 1
+            base = torch.arange(L).repeat(dm.batch_size, 1) % 5
+            noise = torch.randint(0, dm.vocab, (dm.batch_size, L), generator=g)
+            keep = torch.rand(dm.batch_size, L, generator=g) < 0.8
+            tokens = torch.where(keep, base, noise)
+            doc_start = torch.zeros_like(tokens, dtype=torch.bool)
+            doc_start[:, 0] = True
+            yield {"tokens": tokens, "doc_start": doc_start}
+            i += 1
+
+
+class ToyData(__import__("lightning").LightningDataModule):
+    """Stands in for the real data module: batches of windows and an exact cursor of consumed batches."""
+
+    def __init__(self, vocab=17, n_chunks=3, chunk_len=8, batch_size=4, seed=0):
+        super().__init__()
+        self.vocab, self.n_chunks, self.chunk_len, self.batch_size, self.seed = vocab, n_chunks, chunk_len, batch_size, seed
+        self.consumed = 0
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Windows(self, "train"), batch_size=None)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(_Windows(self, "val"), batch_size=None)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer is not None and self.trainer.training:
+            self.consumed += 1
+        return batch
+
+    def state_dict(self):
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state):
+        self.consumed = state["consumed"]

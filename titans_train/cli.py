@@ -14,6 +14,10 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data.prepare", "raw text -> tokenized webdataset shards + manifest.json"),
     "info": ("models.info", "what a recipe builds: variant, sizes, parameters, FLOPs per token (meta device)"),
+    "fit": ("train.fit", "train a model from a recipe (default: the tiny model on the built-in corpus), resuming"),
+    "validate": ("train.validate", "validation loss and perplexity of a checkpoint"),
+    "export": ("train.export", "checkpoint -> safetensors + recipe + tokenizer for inference"),
+    "generate": ("train.generate", "continue a prompt with a checkpoint or an exported model"),
 }
 
 

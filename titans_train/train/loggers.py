@@ -51,7 +51,8 @@ def build_loggers(recipe, resolved: dict, run_id: str | None, *, out_dir: str | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A new version folder per (re)start: Lightning's CSV writer would otherwise replace an existing metrics.csv.
-    loggers: list = [CSVLogger(save_dir=str(out_dir), name="csv")]
+    # Flushed at every log step, so that a killed run keeps its metrics up to its last log.
+    loggers: list = [CSVLogger(save_dir=str(out_dir), name="csv", flush_logs_every_n_steps=recipe.trainer.log_every_steps)]
     mode = wandb_mode(recipe.logging.wandb)
     if mode == "off":
         return loggers, None

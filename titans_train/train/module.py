@@ -143,15 +143,17 @@ class TitansLitModule(L.LightningModule):
             loss=float(loss), chunk_losses=chunk_losses.cpu(), grad_norm=float(grad_norm), lr=lr,
             skipped=not finite, tokens=tokens,
         )
-        logs = {
-            "train/loss": loss,
-            "train/ppl": torch.exp(loss.clamp(max=50.0)),
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/skipped_steps": float(self.skipped_steps),
-            "train/tokens_seen": float(self.tokens_seen),
-        }
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+        step = self.trainer.global_step
+        if step % self.trainer.log_every_n_steps == 0 or not finite:
+            self.log_to_loggers({
+                "train/loss": float(loss),
+                "train/ppl": perplexity(float(loss)),
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm),
+                "train/skipped_steps": self.skipped_steps,
+                "train/tokens_seen": self.tokens_seen,
+            })
+        self.log("train/loss", loss, logger=False, on_step=True, on_epoch=False, batch_size=1)
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         if not finite and self.skipped_in_a_row >= self.train_cfg.max_skipped_in_a_row:
             raise TrainingDiverged(
@@ -184,8 +186,16 @@ class TitansLitModule(L.LightningModule):
             # Lightning drops metrics logged during the sanity check: keep them to log at step 0.
             self.sanity_val_metrics = {k: float(v) for k, v in metrics.items()}
             return
-        self.log_dict(metrics, sync_dist=True)
-        self.log("val_loss", loss, prog_bar=True, logger=False, sync_dist=True)
+        metrics = {k: float(self.trainer.strategy.reduce(v, reduce_op="mean")) for k, v in metrics.items()}
+        self.log_to_loggers(metrics)
+        self.log_dict(metrics, logger=False)
+        self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False)
+
+    def log_to_loggers(self, metrics: dict, step: int | None = None) -> None:
+        """Write metrics at the optimiser step (Lightning's own step counter lags it in manual optimisation)."""
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.trainer.global_step if step is None else step)
 
     def on_train_start(self):
         if self.sanity_val_metrics and self.global_step == 0:

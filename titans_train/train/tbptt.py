@@ -98,15 +98,15 @@ def detach_state(state: Any) -> Any:
 def reset_rows(model: Any, state: Any, rows: Tensor) -> Any:
     """Return `state` with the rows in the bool mask `rows` (B,) reset to a fresh state.
 
-    Uses, in order: `state.reset(rows)` if the state has it; nothing when no row is set; `None` (a fresh
+    Uses, in order: nothing when no row is set; `state.reset(rows)` if the state has it; `None` (a fresh
     state for all) when every row is set; otherwise a fresh state from `model.init_state(batch_size)` mixed in
     row-wise, which assumes batch-first tensors. Without `init_state`, partial resets are not possible and
     raise, rather than silently carry memory across documents.
     """
-    if hasattr(state, "reset"):
-        return state.reset(rows)
     if not bool(rows.any()):
         return state
+    if hasattr(state, "reset"):
+        return state.reset(rows)
     if bool(rows.all()):
         return None
     inner = getattr(model, "module", model)

@@ -1,0 +1,182 @@
+"""Building the pieces the commands share: recipe, data, model, Lightning module, trainer; checkpoint checks.
+
+Everything the user can get wrong raises `titans_train.cli.UserError` with one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from titans_train.cli import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPES = REPO_ROOT / "recipes"
+DEFAULT_RECIPE = RECIPES / "tiny.yaml"
+
+
+def split_recipe_args(recipe: str | None, overrides: list[str]) -> tuple[str, list[str]]:
+    """`fit model.dim=64` (no recipe, overrides only) -> the default recipe with that override."""
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        return str(DEFAULT_RECIPE), [recipe, *overrides]
+    return (recipe or str(DEFAULT_RECIPE)), list(overrides)
+
+
+def load_recipe(path: str, overrides: list[str]):
+    """(Recipe, resolved dict); any problem with the file, a key or a value is a UserError."""
+    from titans_train.train.config import load
+
+    if not Path(path).is_file():
+        raise UserError(f"recipe {path} not found (recipes live in {RECIPES})")
+    try:
+        return load(path, overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def recipe_yaml(resolved: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(resolved))
+
+
+def ensure_data(recipe, *, prepare_builtin: bool) -> None:
+    """Make sure `data.path` holds a prepared dataset; with `prepare_builtin`, prepare the built-in corpus there."""
+    path = Path(recipe.data.path)
+    manifest = path if path.suffix == ".json" else path / "manifest.json"
+    if manifest.is_file():
+        return
+    cmd = f"titans-train prepare builtin --out {path}"
+    if not prepare_builtin:
+        raise UserError(f"data.path={path} holds no prepared dataset ({manifest} not found): run `{cmd}` "
+                        "(or prepare your own text) first, or set data.path")
+    print(f"preparing the built-in corpus into {path} (once) ...", flush=True)
+    from titans_train.cli import main as cli_main
+
+    rc = cli_main(["prepare", "builtin", "--out", str(path)])
+    if rc != 0 or not manifest.is_file():
+        raise UserError(f"preparing the built-in corpus failed; try `{cmd}` yourself")
+
+
+def tokenizer_for(recipe):
+    from titans_train.data.shards import Manifest
+
+    return Manifest(recipe.data.path).load_tokenizer(recipe.data.tokenizer)
+
+
+def build_model(recipe):
+    from titans_train.models import build_model as _build
+
+    try:
+        return _build(recipe.model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def build_datamodule(recipe):
+    from titans_train.data.datamodule import TitansDataModule
+
+    return TitansDataModule(recipe.data)
+
+
+def resolve_precision(recipe) -> str:
+    p = recipe.trainer.precision
+    if p != "auto":
+        return p
+    import torch
+
+    gpu = torch.cuda.is_available() and recipe.trainer.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def resume_path(recipe) -> Path | None:
+    """The checkpoint `checkpoint.resume` asks for: auto = newest valid in the checkpoint dir; none; a path."""
+    from titans_train.train.checkpoint import is_valid, newest_valid
+
+    r = recipe.checkpoint.resume
+    if r == "none":
+        return None
+    if r == "auto":
+        return newest_valid(recipe.ckpt_dir())
+    p = Path(r)
+    if not p.is_file():
+        raise UserError(f"checkpoint.resume={r}: no such file (use auto, none or a checkpoint path)")
+    if not is_valid(p):
+        raise UserError(f"checkpoint.resume={r} is not a readable titans-train checkpoint")
+    return p
+
+
+def refuse_mixing_runs(recipe, resume) -> None:
+    """A fresh run must not write (and rotate away) checkpoints in a directory that holds another run's."""
+    from titans_train.train.checkpoint import list_checkpoints
+
+    if resume is None and list_checkpoints(recipe.ckpt_dir()):
+        why = "none of them is readable" if recipe.checkpoint.resume == "auto" else "checkpoint.resume=none"
+        raise UserError(f"checkpoint.dir {recipe.ckpt_dir()} already holds checkpoints and {why}: set another "
+                        "logging.run_name / checkpoint.dir for a new run (nothing was deleted)")
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict:
+    from titans_train.train.checkpoint import read_meta
+
+    try:
+        return read_meta(path)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable titans-train checkpoint ({type(e).__name__}: {e})") from None
+
+
+def check_same_model(recipe_model: dict, ckpt_meta: dict, ckpt_path) -> None:
+    """A checkpoint from another model config is an error naming the keys that differ."""
+    saved = (ckpt_meta.get("recipe") or {}).get("model")
+    if saved is None:
+        raise UserError(f"{ckpt_path} has no recipe inside: not a titans-train checkpoint")
+    diffs = _diff(saved, recipe_model, "model")
+    if diffs:
+        shown = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, a, b in diffs[:4])
+        more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
+        raise UserError(f"{ckpt_path} was trained with another model config: {shown}{more}. Use the matching recipe, "
+                        "or a new checkpoint.dir / checkpoint.resume=none to start afresh")
+
+
+def _diff(a, b, prefix):
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}")
+        return out
+    return [] if a == b else [(prefix, a, b)]
+
+
+def lit_module(recipe, resolved: dict, model):
+    from titans_train.train.module import TitansLitModule
+
+    return TitansLitModule(model, resolved, recipe.train, _optim_with_decay(recipe), recipe.data.chunk_len)
+
+
+def _optim_with_decay(recipe):
+    import dataclasses
+
+    return dataclasses.replace(recipe.optim, decay_steps=recipe.decay_steps())
+
+
+def load_model_from_checkpoint(ckpt_path: str | os.PathLike, overrides: list[str] | None = None):
+    """(Recipe, resolved dict, model with the checkpoint's weights) from a checkpoint alone."""
+    from titans_train.train.checkpoint import load_checkpoint
+    from titans_train.train.config import build_recipe
+
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"checkpoint {ckpt_path} not found")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except Exception as e:
+        raise UserError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    from titans_train.train.module import CKPT_KEY
+
+    resolved = (ckpt.get(CKPT_KEY) or {}).get("recipe")
+    if resolved is None:
+        raise UserError(f"{ckpt_path} has no recipe inside: not a titans-train checkpoint")
+    recipe = build_recipe(resolved)
+    model = build_model(recipe)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return recipe, resolved, model

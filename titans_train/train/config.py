@@ -1,0 +1,198 @@
+"""Recipe sections for training: `train`, `optim`, `trainer`, `logging`, `checkpoint`, `launch`.
+
+Each is a dataclass with a comment per field and a `__post_init__` that names the key it rejects. They are
+composed into the one recipe schema in `titans_train/config.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {msg}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop over windows of sequence chunks."""
+
+    # Backward and detach the memory state every this many sequence chunks of a window; 0 = n_chunks
+    # (exact backprop through the whole window).
+    tbptt_chunks: int = 0
+    # Windows (batches) per optimiser step; gradients are accumulated without DDP sync in between.
+    accumulate_windows: int = 1
+    # Reset a row's memory state before a chunk that begins a new document.
+    reset_on_doc_start: bool = True
+    # A step whose loss or gradient norm is not finite is skipped; this many in a row stop the run.
+    max_skipped_in_a_row: int = 10
+    # Seed for parameters, data order and every RNG (Lightning's seed_everything).
+    seed: int = 1337
+    # Evaluate on the validation split once before the first step, so the logs show where the loss started.
+    val_at_start: bool = True
+
+    def __post_init__(self):
+        _check(self.tbptt_chunks >= 0, "train.tbptt_chunks", f"must be >= 0 (0 = n_chunks), got {self.tbptt_chunks}")
+        _check(self.accumulate_windows >= 1, "train.accumulate_windows", f"must be >= 1, got {self.accumulate_windows}")
+        _check(self.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warmup, then cosine)."""
+
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup, in optimiser steps
+    decay_steps: Optional[int] = None  # cosine reaches min_lr here (optimiser steps); null = trainer.max_steps
+    weight_decay: float = 0.1  # not applied to norms, biases, embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings."""
+
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = "auto"  # int or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3
+    precision: str = "auto"  # auto = bf16-mixed on GPU (memory math stays fp32), 32-true on CPU; or a Lightning value
+    max_steps: int = 1000  # optimiser steps
+    val_every_steps: int = 200  # validate every this many optimiser steps
+    log_every_steps: int = 10
+    deterministic: bool = False  # torch deterministic algorithms (slower; used by the resume test)
+
+    def __post_init__(self):
+        _check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.val_every_steps >= 1, "trainer.val_every_steps", "must be >= 1")
+        _check(self.log_every_steps >= 1, "trainer.log_every_steps", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run writes, and W&B."""
+
+    run_name: str = "titans"
+    out_dir: Optional[str] = None  # CSV logs, W&B files and (by default) checkpoints; null = runs/<run_name>
+    # auto (online with an API key, else offline) | online | offline | off (YAML's bare off/false/true work too)
+    wandb: Union[str, bool] = "auto"
+    project: str = "titans-train"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.wandb, bool):
+            self.wandb = "auto" if self.wandb else "off"
+        _check(self.wandb in ("auto", "online", "offline", "off"), "logging.wandb",
+               f"must be one of auto, online, offline, off; got {self.wandb!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: atomic writes, rotation, automatic resume."""
+
+    dir: Optional[str] = None  # null = <logging.out_dir>/checkpoints
+    every_steps: int = 500  # optimiser steps between checkpoints (and one at the end)
+    keep_last_k: int = 3  # older periodic checkpoints are deleted; 0 = keep all
+    resume: str = "auto"  # auto (newest valid checkpoint in dir, if any) | none | a checkpoint path
+
+    def __post_init__(self):
+        _check(self.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+        _check(self.keep_last_k >= 0, "checkpoint.keep_last_k", "must be >= 0 (0 = keep all)")
+
+
+@dataclass
+class LaunchConfig:
+    """Cluster launch (SLURM); used by `titans-train launch`."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "24:00:00"
+
+
+TRAIN_SECTIONS: dict[str, type] = {
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig,
+    "launch": LaunchConfig,
+}
+"""The sections this package adds to the recipe schema (`titans_train.config.SECTIONS`)."""
+
+
+@dataclass
+class Recipe:
+    """A whole validated recipe: one typed object per section; derived paths are methods."""
+
+    model: Any
+    data: Any
+    train: TrainConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+    launch: LaunchConfig
+
+    def out_dir(self) -> str:
+        return self.logging.out_dir or f"runs/{self.logging.run_name}"
+
+    def ckpt_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.out_dir()}/checkpoints"
+
+    def decay_steps(self) -> int:
+        return self.optim.decay_steps or self.trainer.max_steps
+
+
+def all_sections() -> dict[str, type]:
+    from titans_train import config as C
+    from titans_train.data.config import DataConfig
+
+    return {**C.SECTIONS, "data": DataConfig, **TRAIN_SECTIONS}
+
+
+def build_recipe(raw: dict) -> Recipe:
+    """Validate a loaded recipe (plain dict) into a `Recipe`; every problem is a ValueError naming the key."""
+    import difflib
+
+    from titans_train.config import section_from_dict
+
+    sections = all_sections()
+    for key in raw:
+        if key not in sections:
+            close = difflib.get_close_matches(str(key), list(sections), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid sections: {', '.join(sections)}"
+            raise ValueError(f"unknown recipe section {key}{hint}")
+    if "model" not in raw:
+        raise ValueError("the recipe has no `model:` section")
+    parts = {name: section_from_dict(cls, raw.get(name), name) for name, cls in sections.items()}
+    recipe = Recipe(**parts)
+    m, d = recipe.model, recipe.data
+    if d.chunk_len > m.max_seq_len:
+        raise ValueError(f"data.chunk_len={d.chunk_len} is larger than model.max_seq_len={m.max_seq_len}")
+    if m.variant == "mac" and d.chunk_len % m.segment_len:
+        raise ValueError(
+            f"data.chunk_len={d.chunk_len} must be a multiple of model.segment_len={m.segment_len} for MAC "
+            "(the memory state is exact only at segment boundaries)")
+    return recipe
+
+
+def load(path, overrides=()) -> tuple[Recipe, dict]:
+    """Load, compose, override, resolve and validate a recipe file: (typed Recipe, resolved plain dict)."""
+    from titans_train.config import load_recipe
+
+    raw = load_recipe(path, list(overrides))
+    return build_recipe(raw), raw

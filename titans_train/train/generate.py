@@ -1,0 +1,46 @@
+"""`titans-train generate CKPT --prompt TEXT`: sample a continuation from a checkpoint or an export directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="checkpoint file (step-*.ckpt) or a directory written by `titans-train export`")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from titans_train.cli import UserError
+    from titans_train.train import build as B
+
+    if Path(args.ckpt).is_dir():
+        from titans_train.train.export import load_export
+
+        recipe, model, tok = load_export(args.ckpt)
+    else:
+        recipe, _, model = B.load_model_from_checkpoint(args.ckpt)
+        try:
+            tok = B.tokenizer_for(recipe)
+        except Exception as e:
+            raise UserError(f"cannot load the tokenizer of {args.ckpt} from data.path={recipe.data.path} ({e}); "
+                            "export the checkpoint with `titans-train export` and generate from that directory") from None
+    if tok is None:
+        raise UserError(f"{args.ckpt} has no tokenizer.json")
+    torch.manual_seed(args.seed)
+    model.eval()
+    ids = torch.as_tensor(tok.encode(args.prompt), dtype=torch.long)[None]  # (1, T)
+    if ids.shape[1] == 0:
+        raise UserError("--prompt is empty")
+    with torch.no_grad():
+        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
+    new = out[0, ids.shape[1]:] if out.shape[1] > ids.shape[1] else out[0]
+    print(args.prompt + tok.decode(new.tolist()))
+    return 0
