@@ -12,7 +12,7 @@ import torch
 from tests.train_toy import ToyData, ToyLM
 from titans_train.train import fit as fit_cmd
 from titans_train.train.checkpoint import list_checkpoints, load_checkpoint, newest_valid
-from titans_train.train.config import build_recipe
+from titans_train.config import recipe_config
 from titans_train.train.module import TitansLitModule, TrainingDiverged
 
 
@@ -31,7 +31,7 @@ def _recipe(tmp_path, **over):
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
     raw["data"]["val_batches"] = 2
-    return build_recipe(raw), raw
+    return recipe_config(raw), raw
 
 
 def _fit(tmp_path, model=None, ckpt=None, **over):

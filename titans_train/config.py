@@ -7,11 +7,13 @@ is resolved after the merge.
 
 Each section is a dataclass with a docstring per field and a `__post_init__` that raises `ValueError` naming
 the key. `section_from_dict` builds one from a plain mapping: an unknown key is an error that suggests the closest
-valid one, and values are type-checked. Sections register in `SECTIONS`; top-level keys without a registered
-section are left alone (the training sections land later), so a recipe may carry them already.
+valid one, and values are type-checked. Sections register in `SECTIONS` (`model` here, `data` from
+`titans_train/data/config.py`, the training sections from `titans_train/train/config.py`); `recipe_config` checks
+the whole recipe, where an unknown top-level key is an error too.
 
     cfg = load_recipe("recipes/mag_170m.yaml", ["model.n_layers=2"])   # plain dict, merged and resolved
     model_cfg = model_config(cfg)                                      # ModelConfig, validated
+    recipe = recipe_config(cfg)                                        # every section, validated (Recipe)
 """
 
 from __future__ import annotations
@@ -180,8 +182,45 @@ class ModelConfig:
         return self.segment_len // self.mac_memory_tokens
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig}
-"""Top-level recipe sections with a schema. The training issue adds its sections here."""
+from titans_train.data.config import DataConfig  # noqa: E402  (plain dataclasses, no heavy imports)
+from titans_train.train.config import (  # noqa: E402
+    CheckpointConfig, LaunchConfig, LoggingConfig, OptimConfig, TrainConfig, TrainerConfig,
+)
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig,
+    "launch": LaunchConfig,
+}
+"""Top-level recipe sections, each with its schema."""
+
+
+@dataclass
+class Recipe:
+    """A whole validated recipe: one typed section each; derived paths and numbers are methods."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+    launch: LaunchConfig
+
+    def out_dir(self) -> str:
+        return self.logging.out_dir or f"runs/{self.logging.run_name}"
+
+    def ckpt_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.out_dir()}/checkpoints"
+
+    def decay_steps(self) -> int:
+        return self.optim.decay_steps or self.trainer.max_steps
 
 
 # --- building dataclasses from mappings, with errors that name the key -------------------------------------------
@@ -299,3 +338,26 @@ def model_config(recipe: dict) -> ModelConfig:
     if "model" not in recipe:
         raise ValueError("the recipe has no `model:` section")
     return section_from_dict(ModelConfig, recipe["model"], "model")
+
+
+def recipe_config(recipe: dict) -> Recipe:
+    """Every section of a loaded recipe, validated: unknown sections/keys and wrong types name the key."""
+    for key in recipe:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid sections: {', '.join(SECTIONS)}"
+            raise ValueError(f"unknown recipe section {key}{hint}")
+    model = model_config(recipe)
+    r = Recipe(model=model, **{k: section_from_dict(cls, recipe.get(k), k) for k, cls in SECTIONS.items() if k != "model"})
+    if r.data.chunk_len > model.max_seq_len:
+        raise ValueError(f"data.chunk_len={r.data.chunk_len} is larger than model.max_seq_len={model.max_seq_len}")
+    if model.variant == "mac" and r.data.chunk_len % model.segment_len:
+        raise ValueError(f"data.chunk_len={r.data.chunk_len} must be a multiple of model.segment_len="
+                         f"{model.segment_len} for MAC (its memory state is exact at segment boundaries)")
+    return r
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[Recipe, dict]:
+    """Load and validate a recipe file: (Recipe, the resolved plain dict that is saved with checkpoints)."""
+    raw = load_recipe(path, overrides)
+    return recipe_config(raw), raw

@@ -24,7 +24,7 @@ def split_recipe_args(recipe: str | None, overrides: list[str]) -> tuple[str, li
 
 def load_recipe(path: str, overrides: list[str]):
     """(Recipe, resolved dict); any problem with the file, a key or a value is a UserError."""
-    from titans_train.train.config import load
+    from titans_train.config import load
 
     if not Path(path).is_file():
         raise UserError(f"recipe {path} not found (recipes live in {RECIPES})")
@@ -162,7 +162,7 @@ def _optim_with_decay(recipe):
 def load_model_from_checkpoint(ckpt_path: str | os.PathLike, overrides: list[str] | None = None):
     """(Recipe, resolved dict, model with the checkpoint's weights) from a checkpoint alone."""
     from titans_train.train.checkpoint import load_checkpoint
-    from titans_train.train.config import build_recipe
+    from titans_train.config import recipe_config
 
     if not Path(ckpt_path).is_file():
         raise UserError(f"checkpoint {ckpt_path} not found")
@@ -175,7 +175,7 @@ def load_model_from_checkpoint(ckpt_path: str | os.PathLike, overrides: list[str
     resolved = (ckpt.get(CKPT_KEY) or {}).get("recipe")
     if resolved is None:
         raise UserError(f"{ckpt_path} has no recipe inside: not a titans-train checkpoint")
-    recipe = build_recipe(resolved)
+    recipe = recipe_config(resolved)
     model = build_model(recipe)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)

@@ -1,7 +1,7 @@
 """Recipe sections for training: `train`, `optim`, `trainer`, `logging`, `checkpoint`, `launch`.
 
 Each is a dataclass with a comment per field and a `__post_init__` that names the key it rejects. They are
-composed into the one recipe schema in `titans_train/config.py`.
+composed into the one recipe schema, `titans_train.config.SECTIONS` / `Recipe`.
 """
 
 from __future__ import annotations
@@ -122,77 +122,3 @@ class LaunchConfig:
     account: Optional[str] = None
     time: str = "24:00:00"
 
-
-TRAIN_SECTIONS: dict[str, type] = {
-    "train": TrainConfig,
-    "optim": OptimConfig,
-    "trainer": TrainerConfig,
-    "logging": LoggingConfig,
-    "checkpoint": CheckpointConfig,
-    "launch": LaunchConfig,
-}
-"""The sections this package adds to the recipe schema (`titans_train.config.SECTIONS`)."""
-
-
-@dataclass
-class Recipe:
-    """A whole validated recipe: one typed object per section; derived paths are methods."""
-
-    model: Any
-    data: Any
-    train: TrainConfig
-    optim: OptimConfig
-    trainer: TrainerConfig
-    logging: LoggingConfig
-    checkpoint: CheckpointConfig
-    launch: LaunchConfig
-
-    def out_dir(self) -> str:
-        return self.logging.out_dir or f"runs/{self.logging.run_name}"
-
-    def ckpt_dir(self) -> str:
-        return self.checkpoint.dir or f"{self.out_dir()}/checkpoints"
-
-    def decay_steps(self) -> int:
-        return self.optim.decay_steps or self.trainer.max_steps
-
-
-def all_sections() -> dict[str, type]:
-    from titans_train import config as C
-    from titans_train.data.config import DataConfig
-
-    return {**C.SECTIONS, "data": DataConfig, **TRAIN_SECTIONS}
-
-
-def build_recipe(raw: dict) -> Recipe:
-    """Validate a loaded recipe (plain dict) into a `Recipe`; every problem is a ValueError naming the key."""
-    import difflib
-
-    from titans_train.config import section_from_dict
-
-    sections = all_sections()
-    for key in raw:
-        if key not in sections:
-            close = difflib.get_close_matches(str(key), list(sections), n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; valid sections: {', '.join(sections)}"
-            raise ValueError(f"unknown recipe section {key}{hint}")
-    if "model" not in raw:
-        raise ValueError("the recipe has no `model:` section")
-    parts = {name: section_from_dict(cls, raw.get(name), name) for name, cls in sections.items()}
-    recipe = Recipe(**parts)
-    m, d = recipe.model, recipe.data
-    if d.chunk_len > m.max_seq_len:
-        raise ValueError(f"data.chunk_len={d.chunk_len} is larger than model.max_seq_len={m.max_seq_len}")
-    if m.variant == "mac" and d.chunk_len % m.segment_len:
-        raise ValueError(
-            f"data.chunk_len={d.chunk_len} must be a multiple of model.segment_len={m.segment_len} for MAC "
-            "(the memory state is exact only at segment boundaries)")
-    return recipe
-
-
-def load(path, overrides=()) -> tuple[Recipe, dict]:
-    """Load, compose, override, resolve and validate a recipe file: (typed Recipe, resolved plain dict)."""
-    from titans_train.config import load_recipe
-
-    raw = load_recipe(path, list(overrides))
-    return build_recipe(raw), raw

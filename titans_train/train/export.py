@@ -46,13 +46,13 @@ def load_export(out_dir: str | Path):
     from safetensors.torch import load_model
 
     from titans_train.train import build as B
-    from titans_train.train.config import build_recipe
+    from titans_train.config import recipe_config
 
     out = Path(out_dir)
     from omegaconf import OmegaConf
 
     resolved = OmegaConf.to_container(OmegaConf.load(out / "recipe.yaml"), resolve=True)
-    recipe = build_recipe(resolved)
+    recipe = recipe_config(resolved)
     model = B.build_model(recipe)
     load_model(model, str(out / "model.safetensors"))
     tok = None
