@@ -299,7 +299,9 @@ class ValStream(IterableDataset):
             per_stream = min(per_stream, -(-max_batches // self.n_local))
         self.batches_per_stream = per_stream
 
-    def __len__(self) -> int:
+    def num_batches(self) -> int:
+        """Batches one pass yields on this rank (the same on every rank). Not `__len__`: Lightning warns about
+        lengths of iterable datasets with several workers, and nothing here needs it."""
         return self.batches_per_stream * self.n_local
 
     def __iter__(self) -> Iterator[dict]:
