@@ -118,8 +118,13 @@ def memory_update_chunked(
     key_acts: list[list[Tensor]] = [[] for _ in range(L)]  # input of layer l for the chunk's keys
     key_deltas: list[list[Tensor]] = [[] for _ in range(L)]  # d(inner loss)/d(output of layer l)
 
+    # unbind once: indexing chunk n inside the loop would make every backward step allocate a full-size gradient.
+    k_chunks, v_chunks = kc.unbind(1), vc.unbind(1)
+    P_end, Bc_end, F_end = (end[name][..., None, None].unbind(1) for name in ("P", "Bc", "F"))
+    G_end_chunks = G_end[..., None].unbind(1)  # each (BH, L, b, 1)
+    S_end_chunks = S_end[..., None].unbind(1)
     for n in range(N):
-        xk = kc[:, n]  # (BH, b, D)
+        xk = k_chunks[n]  # (BH, b, D)
         acts, zs = [xk], []
         for l in range(L):
             zs.append(acts[-1] @ W[l])
@@ -130,24 +135,24 @@ def memory_update_chunked(
             fc = f - f.mean(dim=-1, keepdim=True)
             rstd = torch.rsqrt(fc.pow(2).mean(dim=-1, keepdim=True) + LN_EPS)
             fhat = fc * rstd
-            g = 2.0 * ((fhat + xk if residual else fhat) - vc[:, n])
+            g = 2.0 * ((fhat + xk if residual else fhat) - v_chunks[n])
             # LayerNorm backward (no affine): rstd * (g - mean(g) - fhat * mean(g * fhat))
             g = rstd * (g - g.mean(dim=-1, keepdim=True) - fhat * (g * fhat).mean(dim=-1, keepdim=True))
         else:
-            g = 2.0 * ((f + xk if residual else f) - vc[:, n])
-        deltas = [g]
+            g = 2.0 * ((f + xk if residual else f) - v_chunks[n])
+        deltas = [g] * L
         for l in range(L - 2, -1, -1):
-            deltas.insert(0, (deltas[0] @ W[l + 1].transpose(-1, -2)) * gelu_grad(zs[l]))
+            deltas[l] = (deltas[l + 1] @ W[l + 1].transpose(-1, -2)) * gelu_grad(zs[l])
 
-        P_e, Bc_e, F_e = (end[name][:, n, None, None] for name in ("P", "Bc", "F"))
+        P_e, Bc_e, F_e = P_end[n], Bc_end[n], F_end[n]  # (BH, 1, 1)
         for l in range(L):
             anchors_W[l].append(W[l])
             anchors_S[l].append(S[l])
             key_acts[l].append(acts[l])
             key_deltas[l].append(deltas[l])
             a_t = acts[l].transpose(-1, -2)  # (BH, in, b)
-            w_new = torch.baddbmm(Bc_e * W[l] + F_e * S[l], a_t, G_end[:, n, l, :, None] * deltas[l], alpha=-1.0)
-            S[l] = torch.baddbmm(P_e * S[l], a_t, S_end[:, n, l, :, None] * deltas[l], alpha=-1.0)
+            w_new = torch.baddbmm(Bc_e * W[l] + F_e * S[l], a_t, G_end_chunks[n][:, l] * deltas[l], alpha=-1.0)
+            S[l] = torch.baddbmm(P_e * S[l], a_t, S_end_chunks[n][:, l] * deltas[l], alpha=-1.0)
             W[l] = w_new
 
     # Query side of all chunks at once: token i of a chunk is read with its own weights W_i through the dual form.
