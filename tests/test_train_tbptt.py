@@ -28,7 +28,7 @@ def _models():
         return out
     from tests.train_models import tiny_titans
 
-    out += [(f"titans-{v}", (lambda v=v: tiny_titans(v))) for v in ("lmm", "mag")]
+    out += [(f"titans-{v}", (lambda v=v: tiny_titans(v))) for v in ("lmm", "mag", "mac")]
     return out
 
 
