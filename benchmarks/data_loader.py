@@ -31,15 +31,14 @@ from titans_train.data.stream import PackedStream  # noqa: E402
 
 # --- the consumption side: 170M recipe on one H100 ----------------------------------------------------------------
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM bf16 dense peak
-N_PARAMS = 170e6
-N_LAYERS, D_MODEL = 12, 768  # TITANS.md section 4, 170M row
+# Training FLOPs per token (forward + backward) of the 170M recipes at T = 4096, from the models' own count
+# (`titans-train info recipes/<variant>_170m.yaml`). The smallest one consumes tokens fastest: we compare with it.
+# For reference, 6N + 6*L*d*T (N = 170M, L = 12, d = 768, causal attention) = 1.25 GFLOP.
+FLOPS_PER_TOKEN_170M = {"lmm": 0.988e9, "transformer": 1.096e9, "mag": 1.172e9, "mal": 1.172e9, "mac": 1.236e9}
 
 
-def train_tokens_per_s(seq_len: int, mfu: float) -> float:
-    """Tokens/s a 170M model trains at: 6N FLOPs per token (forward + backward of the weights) plus causal
-    attention 6 * layers * d * T (QK^T and AV, fwd + bwd, half the keys on average). The neural memory's own
-    FLOPs are left out, which makes the estimate *higher* (the comparison harder for the loader)."""
-    flops_per_token = 6 * N_PARAMS + 6 * N_LAYERS * D_MODEL * seq_len
+def train_tokens_per_s(mfu: float, flops_per_token: float = min(FLOPS_PER_TOKEN_170M.values())) -> float:
+    """Tokens/s that one H100 trains a 170M model at, at model-FLOPs utilisation `mfu`."""
     return H100_BF16_DENSE * mfu / flops_per_token
 
 
@@ -99,12 +98,11 @@ def main():
         cli(["prepare", str(root / "short.jsonl"), "--out", str(root / "short"), "--no-progress"])
         datasets = {"builtin": root / "builtin", "short": root / "short"}
 
-    need = {mfu: train_tokens_per_s(args.chunk_len, mfu) for mfu in (0.4, 0.5)}
+    need = {mfu: train_tokens_per_s(mfu) for mfu in (0.4, 0.5)}
     print(f"\nwindow {args.n_chunks} x {args.chunk_len} + 1 tokens, batch {args.batch_size}, {args.workers} workers, "
           f"{args.seconds:.0f} s per corpus, torch {torch.__version__}")
-    print(f"170M on one H100 (bf16 dense peak {H100_BF16_DENSE / 1e12:.0f} TFLOP/s), FLOPs/token = 6N + 6*L*d*T "
-          f"(N={N_PARAMS / 1e6:.0f}M, L={N_LAYERS}, d={D_MODEL}, T={args.chunk_len}) = "
-          f"{(6 * N_PARAMS + 6 * N_LAYERS * D_MODEL * args.chunk_len) / 1e9:.2f} GFLOP")
+    print(f"170M on one H100 (bf16 dense peak {H100_BF16_DENSE / 1e12:.0f} TFLOP/s), training FLOPs/token at T=4096: "
+          + ", ".join(f"{k} {v / 1e9:.3f}G" for k, v in FLOPS_PER_TOKEN_170M.items()) + "; the smallest is used")
     for mfu, tps in need.items():
         print(f"  at {mfu:.0%} MFU training consumes {tps:,.0f} tokens/s")
     print(f"{'corpus':<10} {'docs':>8} {'tokens':>12} {'batches':>8} {'loader tokens/s':>16} "

@@ -45,7 +45,8 @@ class DataConfig:
     """Permute the shard order every epoch (seeded by `seed` and the epoch)."""
     shuffle_buffer: int = 1024
     """Documents shuffled together: each stream reads blocks of this many documents and permutes each block
-    (seeded); 0 or 1 keeps the shard order. Blocks keep the resume cursor a handful of integers."""
+    (seeded); 0 or 1 keeps the shard order. Blocks keep the resume cursor a handful of integers. Each worker
+    holds one block of documents in memory."""
     skip_corrupt: bool = False
     """Skip unreadable (truncated, corrupt, wrong-size) shards with a logged warning and a count, instead of
     stopping with an error. Missing shards are always an error."""

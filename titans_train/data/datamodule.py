@@ -8,6 +8,8 @@ calls for the batch it is about to train on, after any prefetching) commits each
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -17,6 +19,7 @@ from titans_train.data.shards import DataError, Manifest
 from titans_train.data.stream import PackedStream, ValStream
 
 STATE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class TitansDataModule(L.LightningDataModule):
@@ -60,6 +63,12 @@ class TitansDataModule(L.LightningDataModule):
                                          shuffle_shards=cfg.shuffle_shards, shuffle_buffer=cfg.shuffle_buffer, **common)
         if cfg.val_split and cfg.val_split in self.manifest.splits():
             self.val_stream = ValStream(self.manifest, cfg.val_split, max_batches=cfg.val_batches, **common)
+            if self.val_stream.num_batches() == 0:
+                log.warning(
+                    "validation split %r of %s is smaller than one batch per stream (%d ranks x %d workers x %d "
+                    "windows of %d tokens): validation will be empty; lower data.batch_size or prepare with a larger "
+                    "--val-fraction", cfg.val_split, self.manifest.path, world, max(cfg.num_workers, 1),
+                    cfg.batch_size, cfg.window_len())
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
