@@ -7,9 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from titans_train.layers.neural_memory import NeuralMemory
-from titans_train.ops import memory_apply, memory_update_reference
+from titans_train.ops import debug_checks, memory_apply, memory_update_reference
 
 TOL = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def _debug_checks():
+    """Every call in these tests also runs the op's value checks (rates in [0, 1], finite inputs)."""
+    with debug_checks(True):
+        yield
 
 
 def make_layer(**kw) -> NeuralMemory:

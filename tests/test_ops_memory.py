@@ -9,6 +9,13 @@ import torch.nn.functional as F
 from titans_train.ops import debug_checks, memory_update, memory_update_reference
 
 TOL = 1e-9  # max abs error, float64, for outputs, state and gradients
+
+
+@pytest.fixture(autouse=True)
+def _debug_checks():
+    """Every call in these tests also runs the op's value checks (rates in [0, 1], finite inputs)."""
+    with debug_checks(True):
+        yield
 B, H, D = 2, 2, 8
 
 
@@ -178,7 +185,8 @@ def test_bad_chunk_size():
 def test_debug_mode_checks_values():
     args = _good()
     args[3] = args[3] + 2.0  # theta outside [0, 1]
-    memory_update(*args)  # no sync, no check outside debug mode
+    with debug_checks(False):
+        memory_update(*args)  # no sync, no check outside debug mode
     with debug_checks(), pytest.raises(ValueError, match=r"theta must lie in \[0, 1\]"):
         memory_update(*args)
     args = _good()
