@@ -157,3 +157,14 @@ def test_backward_scale_and_no_sync_calls():
     calls.clear()
     window_step(model, tokens, None, chunk_len=8, tbptt_chunks=2, backward=lambda l: l.backward(), no_sync=Ctx, sync_last=False)
     assert calls == ["nosync", "nosync"]
+
+
+def test_accumulating_windows_equals_one_bigger_batch():
+    """accumulate_windows=2 (two windows, each backward scaled by 1/2) == one window of both batches' rows."""
+    model, tokens = _setup(MODELS[0][1], 3, 8, B=4)
+    model.zero_grad(set_to_none=True)
+    for half in (tokens[:2], tokens[2:]):
+        window_step(model, half, None, chunk_len=8, tbptt_chunks=2, backward=lambda l: l.backward(), scale=0.5)
+    accumulated = _grads(model)
+    _, whole = _run_window(model, tokens, 8, k=2)
+    _assert_close(accumulated, whole)
