@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 
+# `trainer.strategy` values (built in `titans_train/train/strategies.py`).
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
+
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ValueError(f"{key}: {msg}")
@@ -68,14 +72,19 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: Any = "auto"  # int or "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3
+    strategy: str = "auto"  # auto | ddp | fsdp (FSDP2) | deepspeed_stage_2 | deepspeed_stage_3 (GPU); see strategies.py
     precision: str = "auto"  # auto = bf16-mixed on GPU (memory math stays fp32), 32-true on CPU; or a Lightning value
     max_steps: int = 1000  # optimiser steps
     val_every_steps: int = 200  # validate every this many optimiser steps
     log_every_steps: int = 10
     deterministic: bool = False  # torch deterministic algorithms (slower; used by the resume test)
+    # Recompute each block's activations in backward (less memory, ~1/3 more compute); any strategy.
+    activation_checkpointing: bool = False
+    fsdp_cpu_offload: bool = False  # strategy fsdp: parameters, gradients and optimiser state in host memory
+    deepspeed_config: Optional[str] = None  # strategy deepspeed_*: JSON merged over the config derived from the recipe
 
     def __post_init__(self):
+        _check(self.strategy in STRATEGIES, "trainer.strategy", f"must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         _check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.val_every_steps >= 1, "trainer.val_every_steps", "must be >= 1")
         _check(self.log_every_steps >= 1, "trainer.log_every_steps", "must be >= 1")
@@ -118,7 +127,20 @@ class CheckpointConfig:
 class LaunchConfig:
     """Cluster launch (SLURM); used by `titans-train launch`."""
 
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    time: str = "24:00:00"
+    partition: Optional[str] = None  # sbatch --partition (the CLI's --partition wins)
+    account: Optional[str] = None  # sbatch --account (the CLI's --account wins)
+    time: str = "24:00:00"  # sbatch --time; a requeued job starts a new allocation of this length
+    cpus_per_task: int = 8  # CPU cores per rank (data workers + the main process)
+    # Windows per optimiser step over all ranks; when set, `launch` derives data.batch_size = global_batch /
+    # (nodes x gpus_per_node x train.accumulate_windows) and refuses a world size that does not divide it.
+    global_batch: Optional[int] = None
+    signal_seconds: int = 120  # SLURM sends SIGUSR1 this long before the time limit: save, exit, requeue
+    log_dir: str = "slurm_logs"  # <log_dir>/<job name>-<job id>.out, appended across requeues
+    setup: str = ""  # shell lines run before srun on the first node (module load, source .venv/bin/activate)
+    sbatch_extra: list[str] = field(default_factory=list)  # more `#SBATCH` options, e.g. ["--exclusive"]
+
+    def __post_init__(self):
+        _check(self.cpus_per_task >= 1, "launch.cpus_per_task", "must be >= 1")
+        _check(self.global_batch is None or self.global_batch >= 1, "launch.global_batch", "must be >= 1 or null")
+        _check(self.signal_seconds >= 0, "launch.signal_seconds", "must be >= 0")
 
