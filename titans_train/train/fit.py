@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from titans_train.train.module import TrainingDiverged
 
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
-    B.ensure_data(recipe, prepare_builtin=args.recipe is None)
+    B.ensure_data(recipe, prepare_builtin=recipe_path == str(B.DEFAULT_RECIPE))  # the default run needs no setup
     model = B.build_model(recipe)
     datamodule = B.build_datamodule(recipe)
 
@@ -70,6 +70,7 @@ def build_trainer(recipe, yaml_text: str, resolved: dict, lit, *, run_id, dry_ru
     from titans_train.train.callbacks import ChunkLoss, PeakMemory, StepProgressBar, Throughput
     from titans_train.train.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
     from titans_train.train.loggers import build_loggers
+    from titans_train.train.strategies import build_strategy, cluster_plugins
 
     t, accum = recipe.trainer, recipe.train.accumulate_windows
     log_every = t.log_every_steps
@@ -92,7 +93,7 @@ def build_trainer(recipe, yaml_text: str, resolved: dict, lit, *, run_id, dry_ru
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(recipe, precision=B.resolve_precision(recipe)),
         precision=B.resolve_precision(recipe),
         max_steps=max_steps,
         max_epochs=-1,
@@ -103,7 +104,7 @@ def build_trainer(recipe, yaml_text: str, resolved: dict, lit, *, run_id, dry_ru
         log_every_n_steps=log_every,
         logger=loggers,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         deterministic=t.deterministic,
         inference_mode=False,  # validation runs the memory update, which may use autograd internally
         use_distributed_sampler=False,  # the data module splits the stream by rank itself

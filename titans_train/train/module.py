@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from titans_train.train.optim import build_optimizer
+from titans_train.train.strategies import clip_grad_norm, configure_model
 from titans_train.train.tbptt import window_step
 
 CKPT_KEY = "titans"  # our entry in the Lightning checkpoint dict
@@ -84,6 +85,9 @@ class TitansLitModule(L.LightningModule):
 
     # --- optimisation ----------------------------------------------------------------------------------
 
+    def configure_model(self):
+        configure_model(self)  # activation checkpointing; FSDP2 sharding under trainer.strategy=fsdp
+
     def configure_optimizers(self):
         opt, sched = build_optimizer(self.model, self.optim_cfg)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -120,14 +124,14 @@ class TitansLitModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         chunk_losses = torch.stack(self._window_losses).mean(0)  # (n_chunks,)
         self._window_losses = []
+        if self.trainer.world_size > 1:
+            # The loss of the global batch (what 1 process with the same global batch logs). Every rank then
+            # takes the same skip decision: a non-finite loss on any rank makes the mean non-finite.
+            chunk_losses = self.trainer.strategy.reduce(chunk_losses, reduce_op="mean")
         loss = chunk_losses.mean()
         clip = self.optim_cfg.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None], clip, foreach=None
-        )
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        # Every rank must take the same decision (the loss is per rank; the synced grad norm already agrees).
-        finite = bool(self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0.5) if self.trainer.world_size > 1 else bool(finite)
+        grad_norm = clip_grad_norm(self, clip)  # any strategy: DDP, FSDP2 (sharded grads), DeepSpeed
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the synced grad norm agrees on all ranks
         lr = sched.get_last_lr()[0]
         if finite:
             opt.step()
