@@ -127,12 +127,15 @@ class TitansDataModule(L.LightningDataModule):
             return
         self._pending_state = None
         rank, world = self._ranks()
-        if state["world_size"] != world or state["num_workers"] != self.cfg.num_workers:
-            raise DataError(
-                f"the checkpoint's data position was saved with {state['world_size']} ranks x data.num_workers="
-                f"{state['num_workers']}, this run has {world} x {self.cfg.num_workers}: use the same to resume the "
-                "data exactly"
-            )
+        if (state["world_size"], state["num_workers"]) != (world, self.cfg.num_workers):
+            regrouped = regroup_streams(state, world, self.cfg.num_workers)  # same streams, split otherwise
+            if regrouped is None:
+                raise DataError(
+                    f"the checkpoint's data position was saved with {state['world_size']} ranks x data.num_workers="
+                    f"{state['num_workers']}, this run has {world} x {self.cfg.num_workers}: use the same number of "
+                    "streams (ranks x workers) to resume the data exactly"
+                )
+            state = regrouped
         if state["seed"] != self.cfg.seed or state["split"] != self.cfg.train_split:
             raise DataError(
                 f"the checkpoint's data position is for data.seed={state['seed']}, split {state['split']!r}; this "
@@ -142,3 +145,30 @@ class TitansDataModule(L.LightningDataModule):
         if mine is None:
             raise DataError(f"the checkpoint has no data position for rank {rank} (saved without torch.distributed)")
         self.train_stream.load_state_dict(mine)
+
+
+def regroup_streams(state: dict, world: int, num_workers: int) -> dict | None:
+    """A saved data position re-split over `world` ranks x `num_workers` workers, or None if that is not exact.
+
+    Global stream `g = rank * streams_per_rank + worker` reads the same data whatever the split, so a run saved
+    with 2 ranks x 1 worker continues exactly on 1 rank x 2 workers (or the reverse): each new rank takes its
+    streams' cursors, and its `consumed` count must put its round-robin at the next stream to read (stream `j`
+    of a rank has yielded `consumed // n + (j < consumed % n)` batches). The total stream count must match.
+    """
+    old_n = max(state["num_workers"], 1)
+    new_n = max(num_workers, 1)
+    if state["world_size"] * old_n != world * new_n or any(r is None for r in state["ranks"]):
+        return None
+    cursors, counts = [], []
+    for r in state["ranks"]:
+        c = int(r["consumed"])
+        cursors += r["cursors"]
+        counts += [c // old_n + (j < c % old_n) for j in range(old_n)]
+    ranks = []
+    for r in range(world):
+        mine = counts[r * new_n:(r + 1) * new_n]
+        consumed = sum(mine)
+        if mine != [consumed // new_n + (j < consumed % new_n) for j in range(new_n)]:
+            return None  # the streams of this rank are not at one round-robin position
+        ranks.append({"consumed": consumed, "cursors": cursors[r * new_n:(r + 1) * new_n]})
+    return {**state, "world_size": world, "num_workers": num_workers, "ranks": ranks}
