@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     import lightning as L
 
+    from titans_train.train.callbacks.preemption import REQUEUE_EXIT, Preemption
     from titans_train.train.module import TrainingDiverged
 
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
@@ -55,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
+    preempted = next((cb.stopped_at for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
+    if preempted is not None:
+        print(f"stopped by a signal after step {preempted}, checkpoint saved in {recipe.ckpt_dir()}; run the same "
+              f"command again to resume (exit code {REQUEUE_EXIT} asks the sbatch script to requeue)", flush=True)
+        return REQUEUE_EXIT
     if args.dry_run:
         stats = lit.step_stats
         print(f"dry run ok: 1 step, loss {stats.loss:.4f}, grad norm {stats.grad_norm:.3g}" if stats else "dry run ok")
@@ -68,6 +74,7 @@ def build_trainer(recipe, yaml_text: str, resolved: dict, lit, *, run_id, dry_ru
 
     from titans_train.train import build as B
     from titans_train.train.callbacks import ChunkLoss, PeakMemory, StepProgressBar, Throughput
+    from titans_train.train.callbacks.preemption import Preemption
     from titans_train.train.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
     from titans_train.train.loggers import build_loggers
     from titans_train.train.strategies import build_strategy, cluster_plugins
@@ -83,6 +90,7 @@ def build_trainer(recipe, yaml_text: str, resolved: dict, lit, *, run_id, dry_ru
         lit.wandb_run_id = run_id
         callbacks.append(PeriodicCheckpoint(recipe.ckpt_dir(), recipe.checkpoint.every_steps,
                                             recipe.checkpoint.keep_last_k, yaml_text))
+        callbacks.append(Preemption())  # SIGUSR1/SIGTERM: save at the step's end, stop, exit for requeue
         max_steps = t.max_steps
         val_batches = recipe.data.val_batches if recipe.data.val_batches is not None else 1.0
         sanity = 0
