@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("train.validate", "validation loss and perplexity of a checkpoint"),
     "export": ("train.export", "checkpoint -> safetensors + recipe + tokenizer for inference"),
     "generate": ("train.generate", "continue a prompt with a checkpoint or an exported model"),
+    "launch": ("train.slurm", "render (--dry-run: print) and submit a multi-node SLURM job for a recipe"),
 }
 
 
@@ -42,7 +43,12 @@ def _load(module: str):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes positionals in one run: `key=value` overrides after an option land here; keep them.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
