@@ -51,9 +51,13 @@ def ensure_data(recipe, *, prepare_builtin: bool) -> None:
         raise UserError(f"data.path={path} holds no prepared dataset ({manifest} not found): run `{cmd}` "
                         "(or prepare your own text) first, or set data.path")
     print(f"preparing the built-in corpus into {path} (once) ...", flush=True)
-    from titans_train.cli import main as cli_main
+    import subprocess
+    import sys
 
-    rc = cli_main(["prepare", "builtin", "--out", str(path)])
+    # A child process: prepare's worker pool must leave nothing behind in the training process (run in-process,
+    # it left training several times slower).
+    code = "import sys; from titans_train.cli import main; sys.exit(main())"
+    rc = subprocess.run([sys.executable, "-c", code, "prepare", "builtin", "--out", str(path)]).returncode
     if rc != 0 or not manifest.is_file():
         raise UserError(f"preparing the built-in corpus failed; try `{cmd}` yourself")
 

@@ -56,6 +56,13 @@ def build_loggers(recipe, resolved: dict, run_id: str | None, *, out_dir: str | 
     mode = wandb_mode(recipe.logging.wandb)
     if mode == "off":
         return loggers, None
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        import warnings
+
+        warnings.warn("wandb is not installed: logging to CSV only (pip install wandb)", stacklevel=2)
+        return loggers, run_id
     from lightning.pytorch.loggers import WandbLogger
 
     run_id = run_id or new_run_id()
