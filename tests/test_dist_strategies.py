@@ -152,6 +152,13 @@ def test_two_processes_match_one(runs, strategy):
     assert got[1] == ref[1]  # the first step sees identical parameters and data
 
 
+def test_activation_checkpointing_under_fsdp_gives_the_same_losses(runs, data, tmp_path):
+    """trainer.activation_checkpointing recomputes each block in backward (here inside FSDP2's hooks, 1 process)."""
+    fit(data, tmp_path / "ac", "trainer.max_steps=2", "checkpoint.every_steps=2", *ONE, "trainer.strategy=fsdp",
+        "trainer.activation_checkpointing=true")
+    assert_close(losses(tmp_path / "ac"), losses(runs / "one"), [1, 2], rtol=1e-5)
+
+
 def test_fsdp_checkpoint_is_one_full_file(runs):
     ckpts = list_checkpoints(runs / "fsdp" / "checkpoints")
     assert [p.name for p in ckpts] == ["step-000000002.ckpt", "step-000000004.ckpt"] and all(map(is_valid, ckpts))
