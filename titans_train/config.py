@@ -119,7 +119,8 @@ class ModelConfig:
     """Std of the normal init of linear layers and embeddings; output projections get init_std/sqrt(2*n_layers).
     The memory layer initialises its own parameters."""
     attention_backend: str = "auto"
-    """auto (flex attention on CUDA for masked attention, SDPA otherwise), sdpa, or flex. Same results."""
+    """auto (flex attention on CUDA for masked attention of >= 128 queries, SDPA otherwise), sdpa, or flex (CUDA
+    only; SDPA elsewhere). Both evaluate the same mask functions, so results agree to float tolerance."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     """The neural memory (ignored by transformer)."""
 
