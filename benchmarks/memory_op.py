@@ -2,6 +2,7 @@
 
 Compares, in one run and on one device:
   - ours (op):      titans_train.ops.memory_update (chunked dual form, exact per token)
+  - ours (op_compiled): the same with compile=True (the per-chunk step through torch.compile)
   - ours (layer):   titans_train.layers.NeuralMemory (projections, conv, rates, output gate around the op)
   - reference:      memory_update_reference (token loop, the specification) at a small T
   - titans-pytorch: titans_pytorch.NeuralMemory with the same heads/dims/chunk (one update per chunk)
@@ -75,10 +76,13 @@ def build_case(name: str, B: int, H: int, T: int, D: int, chunk: int, device: st
     """Returns (step_fn, tokens per step). step_fn runs forward + backward once."""
     torch.manual_seed(0)
     depth, exp = 2, 4
-    if name in ("op", "reference"):
+    if name in ("op", "op_compiled", "reference"):
+        import functools
+
         from titans_train.ops import memory_update, memory_update_reference
 
-        fn = memory_update if name == "op" else memory_update_reference
+        fn = {"op": memory_update, "op_compiled": functools.partial(memory_update, compile=True),
+              "reference": memory_update_reference}[name]
         leaf = lambda *s: torch.randn(*s, device=device).requires_grad_()  # noqa: E731
         unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, device=device), dim=-1).requires_grad_()  # noqa: E731
         q, k, v = unit(B, H, T, D), unit(B, H, T, D), leaf(B, H, T, D)
@@ -125,7 +129,7 @@ def run_case(name: str, B: int, H: int, T: int, D: int, chunk: int, device: str,
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    step()  # warm-up (allocator, lazy init)
+    step()  # warm-up (allocator, lazy init, torch.compile)
     sync(device)
     times = []
     for _ in range(repeats):
@@ -151,7 +155,8 @@ def main() -> int:
     p.add_argument("--reference-T", type=int, default=64, help="T for the (slow) token-loop reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op layer reference titans_pytorch")
+    p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op op_compiled layer reference titans_pytorch")
+    p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for our op and exit")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
     p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -161,7 +166,17 @@ def main() -> int:
         print(json.dumps(run_case(args.case, args.B, args.H, T, args.D, args.chunk, args.device, args.repeats)))
         return 0
 
-    torch.set_num_threads(torch.get_num_threads())
+    if args.profile:
+        from torch.profiler import profile
+
+        step = build_case("op", args.B, args.H, args.T, args.D, args.chunks[0], args.device)
+        step()
+        with profile(record_shapes=True) as prof:
+            step()
+            sync(args.device)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25,
+                                                                 max_name_column_width=28, max_shapes_column_width=60))
+        return 0
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     peak = matmul_flops_per_s(args.device)
     print(f"device: {dev_name}; torch {torch.__version__}; measured fp32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
@@ -171,7 +186,7 @@ def main() -> int:
     print("-" * len(hdr))
     for chunk in args.chunks:
         rows = {}
-        for case in ("titans_pytorch", "op", "layer", "reference"):
+        for case in ("titans_pytorch", "op", "op_compiled", "layer", "reference"):
             if case in args.skip:
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--chunk", str(chunk), "--device", args.device,
@@ -186,7 +201,7 @@ def main() -> int:
         for case, r in rows.items():
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
             eff = "-"
-            if case == "op":
+            if case.startswith("op"):
                 flops = op_flops(args.B, args.H, r["T"], args.D, 2, 4, chunk)
                 eff = f"{100 * flops / r['seconds'] / peak:.1f}%"
                 r["gflop_per_s"] = flops / r["seconds"] / 1e9

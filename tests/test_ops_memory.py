@@ -49,7 +49,7 @@ def make_inputs(T: int, n_layers: int, per_layer_theta=False, layer_norm=True, s
 def run_with_grads(fn, args, leaves, **kw):
     y, W, S = fn(*args, **kw)
     # A fixed random-looking cotangent for y and the state, so every output feeds the gradient differently.
-    cot = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    cot = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device)).view_as(y)
     loss = (y * cot).sum() + sum((w * w).sum() for w in W) + sum(1.3 * s.sum() for s in S)
     grads = torch.autograd.grad(loss, leaves)
     return y, W, S, grads
@@ -58,10 +58,10 @@ def run_with_grads(fn, args, leaves, **kw):
 NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
-def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False):
+def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False):
     args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm)
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
-    fast = run_with_grads(memory_update, args, leaves, **kw)
+    fast = run_with_grads(memory_update, args, leaves, compile=compile, **kw)
     ref = run_with_grads(memory_update_reference, args, leaves, **kw)
     errors = {"y": (fast[0] - ref[0]).abs().max().item()}
     for i in range(n_layers):
@@ -89,6 +89,11 @@ def test_fast_matches_reference(chunk_size, n_layers, residual, layer_norm):
 @pytest.mark.parametrize("chunk_size", [4, 16])
 def test_per_layer_theta(chunk_size):
     compare(37, chunk_size, 2, True, True, per_layer_theta=True)
+
+
+def test_compiled_step_matches_reference():
+    """The torch.compile'd chunk step (fused elementwise work) is held to the same float64 tolerance."""
+    compare(37, 16, 2, True, True, compile=True)
 
 
 @pytest.mark.parametrize("T", [1, 5, 16])

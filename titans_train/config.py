@@ -64,6 +64,9 @@ class MemoryConfig:
     """Initial bias of the momentum decay eta = sigmoid(linear(x)) (2.0: eta ~ 0.88)."""
     alpha_bias: float = -6.0
     """Initial bias of the forgetting gate alpha = sigmoid(linear(x)) (-6.0: alpha ~ 0.0025, ~400-token memory)."""
+    compile: bool = False
+    """Run the memory op's per-chunk step through torch.compile: ~1.7x faster on CPU, fewer kernels on GPU; compiles
+    once per process and shape (tens of seconds). Same results up to float rounding."""
 
     def __post_init__(self):
         for key in ("depth", "expansion", "chunk_size", "conv_kernel"):

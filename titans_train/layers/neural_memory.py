@@ -64,6 +64,7 @@ class NeuralMemory(nn.Module):
         init_std: std of the learned initial fast weights W_0 is init_std / sqrt(fan_in).
         theta_bias, eta_bias, alpha_bias: initial biases of the rate maps (sigmoid space); defaults give
             theta = max_lr * 0.5, eta ~ 0.88, alpha ~ 0.0025 (forgetting over ~400 tokens) at init.
+        compile: run the op's per-chunk step through torch.compile (faster; compiles once per process/shape).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class NeuralMemory(nn.Module):
         theta_bias: float = 0.0,
         eta_bias: float = 2.0,
         alpha_bias: float = -6.0,
+        compile: bool = False,
     ):
         super().__init__()
         head_dim = head_dim or dim // heads
@@ -94,7 +96,7 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.chunk_size, self.max_lr = chunk_size, max_lr
-        self.residual, self.layer_norm = residual, layer_norm
+        self.residual, self.layer_norm, self.compile = residual, layer_norm, compile
         self.n_theta = depth if per_layer_theta else 1
         self.conv_kernel = max(conv_kernel, 1)
         inner = heads * head_dim
@@ -202,7 +204,7 @@ class NeuralMemory(nn.Module):
         n = n_p + T
         n_full = n - n % self.chunk_size
         theta_arg = theta if self.n_theta > 1 else theta[..., 0]
-        kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm)
+        kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm, compile=self.compile)
         weights, momentum, ys = state.weights, state.momentum, []
         if n_full:
             y, weights, momentum = memory_update(

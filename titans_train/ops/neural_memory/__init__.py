@@ -51,6 +51,7 @@ def memory_update(
     chunk_size: int = 16,
     residual: bool = True,
     layer_norm: bool = True,
+    compile: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Read and write a Titans neural memory over a sequence (chunked dual form, exact per token).
 
@@ -71,6 +72,8 @@ def memory_update(
         weights: L tensors, layer i (B, H, in_i, out_i) with in_1 = out_L = D and out_i = in_{i+1}.
         momentum: L tensors shaped like `weights` (S_0; zeros at the start of a stream).
         chunk_size: tokens per memory chunk (one anchor per chunk). T need not be a multiple of it.
+        compile: run the per-chunk step through `torch.compile` (fuses its elementwise work; compiled once per
+            process and shape, which takes tens of seconds on CPU). Same results up to float rounding.
 
     Returns:
         y: (B, H, T, D), retrieval of each token after its own update, in q's dtype.
@@ -104,6 +107,7 @@ def memory_update(
             chunk_size=chunk_size,
             residual=residual,
             layer_norm=layer_norm,
+            compile=compile,
         )
     return y.to(out_dtype), w_out, s_out
 

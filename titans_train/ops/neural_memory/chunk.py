@@ -7,9 +7,10 @@ with its own weights W_t be written as a causal b x b "attention" against the ch
 
     Z_q = diag(Bc) X_q W_0 + diag(F) X_q S_0 - (G * (X_q X_k^T)) Delta
 
-No per-token weights or per-token gradients are materialised. The only sequential loop is over chunks and it
-carries just what the next chunk needs (anchor weights, momentum); the query side of every chunk is computed
-afterwards in one batched pass over all chunks, which turns many small matmuls into a few large ones.
+No per-token weights or per-token gradients are materialised. The only sequential loop is over chunks, batched
+over (batch, head). Each chunk's queries are read inside the loop while its anchor weights are still in cache:
+a variant that stacked every chunk's anchors and read all queries in one batched pass afterwards was slower on
+CPU (the stacks are copies of N full states, memory-bound) - see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -69,6 +70,62 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> dict[str, T
     return {"deta": deta, "P": P, "Bc": Bc, "F": F_, "G": G}
 
 
+def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end, residual: bool, layer_norm: bool):
+    """One memory chunk, batched over (batch, head): read its queries, then advance the anchor state.
+
+    xq, xk, v: (BH, b, D); W, S: lists of L anchors (BH, in, out); Bc_rows, F_rows: (BH, b, 1); G: (BH, L, b, b);
+    P_e, Bc_e, F_e: (BH, 1, 1) chunk-end coefficients; G_end, S_end: (BH, L, b, 1) chunk-end rows of G and of
+    Deta * theta. Returns the queries' last-layer pre-norm outputs (BH, b, D) and the next anchors.
+    """
+    L = len(W)
+    # Keys at the anchor weights: activations a_l and errors delta_l of the inner loss, u_j = a_j^T delta_j.
+    acts, zs = [xk], []
+    for l in range(L):
+        zs.append(acts[-1] @ W[l])
+        if l < L - 1:
+            acts.append(F.gelu(zs[-1]))
+    f = zs[-1]
+    if layer_norm:
+        fc = f - f.mean(dim=-1, keepdim=True)
+        rstd = torch.rsqrt(fc.pow(2).mean(dim=-1, keepdim=True) + LN_EPS)
+        fhat = fc * rstd
+        g = 2.0 * ((fhat + xk if residual else fhat) - v)
+        # LayerNorm backward (no affine): rstd * (g - mean(g) - fhat * mean(g * fhat))
+        g = rstd * (g - g.mean(dim=-1, keepdim=True) - fhat * (g * fhat).mean(dim=-1, keepdim=True))
+    else:
+        g = 2.0 * ((f + xk if residual else f) - v)
+    deltas = [g] * L
+    for l in range(L - 2, -1, -1):
+        deltas[l] = (deltas[l + 1] @ W[l + 1].transpose(-1, -2)) * gelu_grad(zs[l])
+
+    # Queries, each read with its own W_i: Z = diag(Bc) X W_0 + diag(F) X S_0 - (G * X X_k^T) Delta.
+    # Done here, while the anchor weights are hot in cache, rather than batched over all chunks afterwards.
+    h = xq
+    for l in range(L):
+        scores = G[:, l] * (h @ acts[l].transpose(-1, -2))  # (BH, b, b), lower triangular
+        z = torch.baddbmm(torch.bmm(Bc_rows * h, W[l]), F_rows * h, S[l])
+        z = torch.baddbmm(z, scores, deltas[l], alpha=-1.0)
+        h = F.gelu(z) if l < L - 1 else z
+
+    # Chunk-end state: a rank-b update of the anchor.
+    W_new, S_new = [], []
+    for l in range(L):
+        a_t = acts[l].transpose(-1, -2)  # (BH, in, b)
+        W_new.append(torch.baddbmm(torch.addcmul(Bc_e * W[l], F_e, S[l]), a_t, G_end[:, l] * deltas[l], alpha=-1.0))
+        S_new.append(torch.baddbmm(P_e * S[l], a_t, S_end[:, l] * deltas[l], alpha=-1.0))
+    return h, W_new, S_new
+
+
+_COMPILED = None
+
+
+def _compiled_step():
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(chunk_step, dynamic=False, fullgraph=True)
+    return _COMPILED
+
+
 def memory_update_chunked(
     q: Tensor,
     k: Tensor,
@@ -82,6 +139,7 @@ def memory_update_chunked(
     chunk_size: int = 16,
     residual: bool = True,
     layer_norm: bool = True,
+    compile: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Validated-input implementation of `memory_update` (see `titans_train.ops.memory_update`).
 
@@ -113,60 +171,24 @@ def memory_update_chunked(
 
     W = [w.reshape(BH, *w.shape[2:]) for w in weights]  # (BH, in, out)
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
-    anchors_W: list[list[Tensor]] = [[] for _ in range(L)]
-    anchors_S: list[list[Tensor]] = [[] for _ in range(L)]
-    key_acts: list[list[Tensor]] = [[] for _ in range(L)]  # input of layer l for the chunk's keys
-    key_deltas: list[list[Tensor]] = [[] for _ in range(L)]  # d(inner loss)/d(output of layer l)
 
     # unbind once: indexing chunk n inside the loop would make every backward step allocate a full-size gradient.
-    k_chunks, v_chunks = kc.unbind(1), vc.unbind(1)
-    P_end, Bc_end, F_end = (end[name][..., None, None].unbind(1) for name in ("P", "Bc", "F"))
-    G_end_chunks = G_end[..., None].unbind(1)  # each (BH, L, b, 1)
+    q_chunks, k_chunks, v_chunks = qc.unbind(1), kc.unbind(1), vc.unbind(1)
+    P_end, Bc_end, F_end = (end[name][..., None, None].unbind(1) for name in ("P", "Bc", "F"))  # (BH, 1, 1) each
+    G_end_chunks = G_end[..., None].unbind(1)  # (BH, L, b, 1) each
     S_end_chunks = S_end[..., None].unbind(1)
+    Bc_rows, F_rows = c["Bc"][..., None].unbind(1), c["F"][..., None].unbind(1)  # (BH, b, 1) each
+    G_chunks = c["G"].unbind(1)  # (BH, L, b, b) each
+    outs = []
+    step = _compiled_step() if compile else chunk_step
     for n in range(N):
-        xk = k_chunks[n]  # (BH, b, D)
-        acts, zs = [xk], []
-        for l in range(L):
-            zs.append(acts[-1] @ W[l])
-            if l < L - 1:
-                acts.append(F.gelu(zs[-1]))
-        f = zs[-1]
-        if layer_norm:
-            fc = f - f.mean(dim=-1, keepdim=True)
-            rstd = torch.rsqrt(fc.pow(2).mean(dim=-1, keepdim=True) + LN_EPS)
-            fhat = fc * rstd
-            g = 2.0 * ((fhat + xk if residual else fhat) - v_chunks[n])
-            # LayerNorm backward (no affine): rstd * (g - mean(g) - fhat * mean(g * fhat))
-            g = rstd * (g - g.mean(dim=-1, keepdim=True) - fhat * (g * fhat).mean(dim=-1, keepdim=True))
-        else:
-            g = 2.0 * ((f + xk if residual else f) - v_chunks[n])
-        deltas = [g] * L
-        for l in range(L - 2, -1, -1):
-            deltas[l] = (deltas[l + 1] @ W[l + 1].transpose(-1, -2)) * gelu_grad(zs[l])
+        out, W, S = step(
+            q_chunks[n], k_chunks[n], v_chunks[n], W, S, Bc_rows[n], F_rows[n], G_chunks[n],
+            P_end[n], Bc_end[n], F_end[n], G_end_chunks[n], S_end_chunks[n], residual, layer_norm,
+        )
+        outs.append(out)
 
-        P_e, Bc_e, F_e = P_end[n], Bc_end[n], F_end[n]  # (BH, 1, 1)
-        for l in range(L):
-            anchors_W[l].append(W[l])
-            anchors_S[l].append(S[l])
-            key_acts[l].append(acts[l])
-            key_deltas[l].append(deltas[l])
-            a_t = acts[l].transpose(-1, -2)  # (BH, in, b)
-            w_new = torch.baddbmm(Bc_e * W[l] + F_e * S[l], a_t, G_end_chunks[n][:, l] * deltas[l], alpha=-1.0)
-            S[l] = torch.baddbmm(P_e * S[l], a_t, S_end_chunks[n][:, l] * deltas[l], alpha=-1.0)
-            W[l] = w_new
-
-    # Query side of all chunks at once: token i of a chunk is read with its own weights W_i through the dual form.
-    xq = qc
-    Bc, F_ = c["Bc"].unsqueeze(-1), c["F"].unsqueeze(-1)  # (BH, N, b, 1)
-    for l in range(L):
-        W0 = torch.stack(anchors_W[l], dim=1)  # (BH, N, in, out)
-        S0 = torch.stack(anchors_S[l], dim=1)
-        xk = torch.stack(key_acts[l], dim=1)  # (BH, N, b, in)
-        delta = torch.stack(key_deltas[l], dim=1)  # (BH, N, b, out)
-        scores = c["G"][:, :, l] * (xq @ xk.transpose(-1, -2))  # (BH, N, b, b), lower triangular
-        z = Bc * (xq @ W0) + F_ * (xq @ S0) - scores @ delta
-        xq = F.gelu(z) if l < L - 1 else z
-    out = xq
+    out = torch.stack(outs, dim=1)  # (BH, N, b, D)
     if layer_norm:
         out = F.layer_norm(out, out.shape[-1:], eps=LN_EPS)
     if residual:
