@@ -172,3 +172,15 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(data_dir, tmp_path):
     assert "3 optimiser steps in a row had a non-finite loss" in _error(r)
     ckpts = list_checkpoints(tmp_path / "checkpoints")
     assert ckpts and all(load_checkpoint(p)["titans"] for p in ckpts)
+
+
+def test_resume_continues_the_same_wandb_run(trained, data_dir):
+    """Runs last: it extends the shared run to step 14 (and rotates its step-8 checkpoint away)."""
+    out, _ = trained
+    run_id = load_checkpoint(out / "checkpoints" / "step-000000012.ckpt")["titans"]["wandb_run_id"]
+    r = cli(*fit_args(data_dir, out, "trainer.max_steps=14", "checkpoint.every_steps=4", "checkpoint.keep_last_k=2"))
+    assert "resuming from" in r.stdout and "done: step 14" in r.stdout
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs), runs
+    assert load_checkpoint(out / "checkpoints" / "step-000000014.ckpt")["titans"]["wandb_run_id"] == run_id
+    assert sorted(series(metrics(out), "train/loss")) == list(range(1, 15))  # the CSV continues in a new version
