@@ -147,9 +147,10 @@ def _error(r):
     ("trainr.max_steps=3", "did you mean trainer?"),
     ("trainer.max_steps=ten", "trainer.max_steps='ten' must be of type int"),
     ("data.path=/nonexistent/shards", "run `titans-train prepare builtin --out /nonexistent/shards`"),
-], ids=["unknown-key", "unknown-section", "wrong-type", "missing-data"])
-def test_bad_recipe_input(override, expect, tmp_path):
-    r = cli("fit", "recipes/tiny.yaml", f"logging.out_dir={tmp_path}", override, check=False)
+    ("model.vocab_size=200", "model.vocab_size=200 is smaller than the vocabulary of the tokenizer"),
+], ids=["unknown-key", "unknown-section", "wrong-type", "missing-data", "vocab-too-small"])
+def test_bad_recipe_input(override, expect, tmp_path, data_dir):
+    r = cli("fit", "recipes/tiny.yaml", f"data.path={data_dir}", f"logging.out_dir={tmp_path}", override, check=False)
     assert expect in _error(r)
 
 

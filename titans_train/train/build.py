@@ -45,6 +45,7 @@ def ensure_data(recipe, *, prepare_builtin: bool) -> None:
     path = Path(recipe.data.path)
     manifest = path if path.suffix == ".json" else path / "manifest.json"
     if manifest.is_file():
+        check_vocab(recipe)
         return
     cmd = f"titans-train prepare builtin --out {path}"
     if not prepare_builtin:
@@ -60,6 +61,16 @@ def ensure_data(recipe, *, prepare_builtin: bool) -> None:
     rc = subprocess.run([sys.executable, "-c", code, "prepare", "builtin", "--out", str(path)]).returncode
     if rc != 0 or not manifest.is_file():
         raise UserError(f"preparing the built-in corpus failed; try `{cmd}` yourself")
+
+
+def check_vocab(recipe) -> None:
+    """The model's embedding must have a row for every token id the prepared data can contain."""
+    from titans_train.data.shards import Manifest
+
+    vocab = Manifest(recipe.data.path).tokenizer["vocab_size"]
+    if vocab > recipe.model.vocab_size:
+        raise UserError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the vocabulary of the tokenizer "
+                        f"that prepared data.path={recipe.data.path} ({vocab}): set model.vocab_size={vocab} or more")
 
 
 def tokenizer_for(recipe):
