@@ -181,16 +181,17 @@ class TitansLitModule(L.LightningModule):
     def on_validation_epoch_end(self):
         if self._val_sum is None:
             return
-        chunk = self._val_sum / self._val_count
+        chunk = self._val_sum / self._val_count  # (n_chunks,) mean loss of each chunk index on this rank
         self._val_sum, self._val_count = None, 0
-        loss = chunk.mean()
-        metrics = {"val/loss": loss, "val/ppl": torch.exp(loss.clamp(max=50.0))}
-        metrics.update({f"val/loss_chunk/{i:02d}": v for i, v in enumerate(chunk)})
+        if self.trainer.world_size > 1:
+            chunk = self.trainer.strategy.reduce(chunk, reduce_op="mean")
+        loss = float(chunk.mean())
+        metrics = {"val/loss": loss, "val/ppl": perplexity(loss)}
+        metrics.update({f"val/loss_chunk/{i:02d}": float(v) for i, v in enumerate(chunk)})
         if self.trainer.sanity_checking:
             # Lightning drops metrics logged during the sanity check: keep them to log at step 0.
-            self.sanity_val_metrics = {k: float(v) for k, v in metrics.items()}
+            self.sanity_val_metrics = metrics
             return
-        metrics = {k: float(self.trainer.strategy.reduce(v, reduce_op="mean")) for k, v in metrics.items()}
         self.log_to_loggers(metrics)
         self.log_dict(metrics, logger=False)
         self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False)
