@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The console script's entry point (`python -m titans_train.cli` would run cli.py as __main__, a second copy of
 # the module whose UserError is not the one the commands raise).
 CLI = [sys.executable, "-c", "import sys; from titans_train.cli import main; sys.exit(main())"]
+# One intra-op thread: toy sizes gain nothing from two, and on a busy machine OpenMP's spinning makes them crawl.
+CHILD_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
 TINY = [
     "model.dim=32", "model.n_layers=1", "model.heads=2", "model.window=16", "model.segment_len=16",
     "model.mac_memory_tokens=8", "model.n_persistent=2", "model.max_seq_len=32", "model.memory.chunk_size=8",
@@ -33,7 +35,7 @@ TINY = [
 
 
 def cli(*args, timeout=300, check=True, **kw):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONHASHSEED": "0"}
+    env = {**os.environ, **CHILD_ENV}
     env.pop("WANDB_API_KEY", None)
     r = subprocess.run([*CLI, *map(str, args)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=timeout, **kw)
@@ -109,7 +111,7 @@ def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
     cli(*fit_args(data_dir, tmp_path / "a", *common))
 
     b = tmp_path / "b"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
+    env = {**os.environ, **CHILD_ENV}
     proc = subprocess.Popen([*CLI, *map(str, fit_args(data_dir, b, *common))], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -15,6 +15,13 @@ from titans_train.train.checkpoint import list_checkpoints, load_checkpoint, new
 from titans_train.config import recipe_config
 from titans_train.train.module import TitansLitModule, TrainingDiverged
 
+from tests.train_toy import one_thread as _one_thread_body
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from _one_thread_body()
+
 
 def _recipe(tmp_path, **over):
     raw = {

@@ -13,6 +13,13 @@ import pytest
 from titans_train.cli import main
 from titans_train.config import load
 
+from tests.train_toy import one_thread as _one_thread_body
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from _one_thread_body()
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if re.fullmatch(r"(lmm|mac|mag|mal|transformer)_\d+m\.yaml", p.name))
 TINY_DIMS = ["model.dim=64", "model.n_layers=1", "model.mlp_hidden=128", "model.max_seq_len=64", "model.n_persistent=4",

@@ -15,6 +15,13 @@ import torch.nn.functional as F
 from tests.train_toy import ToyLM
 from titans_train.train.tbptt import window_step
 
+from tests.train_toy import one_thread as _one_thread_body
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from _one_thread_body()
+
 GRAD_TOL = 1e-6
 LOSS_TOL = 1e-10
 

@@ -92,3 +92,12 @@ class ToyData(__import__("lightning").LightningDataModule):
 
     def load_state_dict(self, state):
         self.consumed = state["consumed"]
+
+
+def one_thread():
+    """Module fixture body: tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine
+    OpenMP's spinning threads make them many times slower; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
