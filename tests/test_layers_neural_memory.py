@@ -153,3 +153,18 @@ def test_bad_config():
         NeuralMemory(16, 2, depth=0)
     with pytest.raises(ValueError, match="chunk_size"):
         NeuralMemory(16, 2, chunk_size=0)
+
+
+def test_bf16_autocast_runs_with_fp32_memory():
+    """Mixed precision: projections in bf16, the memory op in fp32, gradients finite (CPU autocast)."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(dim=32, heads=2, chunk_size=4)
+    x = torch.randn(2, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = layer(x)
+        y2, _ = layer(x[:, :3], state)  # and streaming with pending tokens
+    assert state.weights[0].dtype == torch.float32 and torch.isfinite(y.float()).all()
+    (y.float().square().mean() + y2.float().square().mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    y32, _ = layer(x)
+    assert (y.float() - y32).abs().max() < 0.1  # bf16 projections, fp32 memory: close to full fp32

@@ -60,4 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m titans_train.cli` runs this file as __main__, a second copy of the module whose UserError is
+    # another class than the one the commands raise: call the imported module's main instead.
+    from titans_train.cli import main as _main
+
+    sys.exit(_main())

@@ -192,6 +192,10 @@ class NeuralMemory(nn.Module):
         qkv, conv_tail = self._causal_conv(self.qkv(x), state.conv_tail.to(x.dtype), slice(None))
         q, k, v = (self._heads(t) for t in F.silu(qkv).split(inner, dim=-1))  # (B, H, T, D) each
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        # Under autocast the projections come out in bf16 but normalize runs in fp32: give the op one dtype (it
+        # computes in fp32 anyway; the fast weights are fp32).
+        dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), state.weights[0].dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         theta, eta, alpha = self._rates(x)
 
         # Replay the pending tokens of the current memory chunk from its anchor (their outputs are dropped).
