@@ -58,10 +58,10 @@ def run_with_grads(fn, args, leaves, **kw):
 NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
-def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False):
+def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False, impl="auto"):
     args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm)
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
-    fast = run_with_grads(memory_update, args, leaves, compile=compile, **kw)
+    fast = run_with_grads(memory_update, args, leaves, compile=compile, impl=impl, **kw)
     ref = run_with_grads(memory_update_reference, args, leaves, **kw)
     errors = {"y": (fast[0] - ref[0]).abs().max().item()}
     for i in range(n_layers):
@@ -76,19 +76,63 @@ def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False
     assert not bad, f"max abs errors above {TOL}: {bad}"
 
 
+IMPLS = ["fused", "autograd"]  # the hand-written-backward Function and the per-chunk autograd step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("chunk_size", [1, 4, 16, 64], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("n_layers", [1, 2, 3], ids=lambda n: f"L{n}")
 @pytest.mark.parametrize(
     "residual,layer_norm", [(True, True), (False, False), (True, False), (False, True)], ids=["res+ln", "plain", "res", "ln"]
 )
-def test_fast_matches_reference(chunk_size, n_layers, residual, layer_norm):
+def test_fast_matches_reference(chunk_size, n_layers, residual, layer_norm, impl):
     T = 100 if chunk_size == 64 else 37  # never a multiple of the chunk: the last chunk is partial
-    compare(T, chunk_size, n_layers, residual, layer_norm)
+    compare(T, chunk_size, n_layers, residual, layer_norm, impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("chunk_size", [4, 16])
-def test_per_layer_theta(chunk_size):
-    compare(37, chunk_size, 2, True, True, per_layer_theta=True)
+def test_per_layer_theta(chunk_size, impl):
+    compare(37, chunk_size, 2, True, True, per_layer_theta=True, impl=impl)
+
+
+@pytest.mark.parametrize("segment", [1, 3])
+def test_fused_checkpoint_segments(segment, monkeypatch):
+    """The fused path's backward recomputes anchors from per-segment checkpoints: any segment length, including
+    one that does not divide the number of chunks, gives the reference's results."""
+    from titans_train.ops.neural_memory.fused import ChunkedMemory
+
+    monkeypatch.setattr(ChunkedMemory, "SEGMENT", segment)
+    compare(37, 4, 2, True, True, impl="fused")
+    compare(37, 4, 3, False, True, per_layer_theta=True, impl="fused")
+
+
+def test_fused_without_state_gradient():
+    """Only y feeds the loss (no gradient arrives for the final state), and a second call reuses workspaces."""
+    for _ in range(2):
+        args, leaves = make_inputs(37, 2)
+        y_f = memory_update(*args, chunk_size=8, impl="fused")[0]
+        g_f = torch.autograd.grad(y_f.square().sum(), leaves)
+        y_r = memory_update_reference(*args, chunk_size=8)[0]
+        g_r = torch.autograd.grad(y_r.square().sum(), leaves)
+        assert (y_f - y_r).abs().max() <= TOL
+        for a, b in zip(g_f, g_r):
+            assert (a - b).abs().max() <= TOL
+
+
+def test_fused_float32_close_to_autograd():
+    args, leaves = make_inputs(70, 2, dtype=torch.float32)
+    kw = dict(chunk_size=16)
+    f = run_with_grads(memory_update, args, leaves, impl="fused", **kw)
+    a = run_with_grads(memory_update, args, leaves, impl="autograd", **kw)
+    torch.testing.assert_close(f[0], a[0], rtol=1e-4, atol=1e-5)
+    for gf, ga in zip(f[3], a[3]):
+        torch.testing.assert_close(gf, ga, rtol=1e-3, atol=1e-4)
+
+
+def test_bad_impl():
+    with pytest.raises(ValueError, match="impl must be"):
+        memory_update(*_good(), impl="nope")
 
 
 def test_compiled_step_matches_reference():

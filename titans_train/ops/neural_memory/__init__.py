@@ -52,6 +52,7 @@ def memory_update(
     residual: bool = True,
     layer_norm: bool = True,
     compile: bool = False,
+    impl: str = "auto",
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Read and write a Titans neural memory over a sequence (chunked dual form, exact per token).
 
@@ -74,6 +75,11 @@ def memory_update(
         chunk_size: tokens per memory chunk (one anchor per chunk). T need not be a multiple of it.
         compile: run the per-chunk step through `torch.compile` (fuses its elementwise work; compiled once per
             process and shape, which takes tens of seconds on CPU). Same results up to float rounding.
+        impl: "fused" (one autograd.Function with a hand-written backward: no graph inside the op, anchors
+            recomputed from per-segment checkpoints in the backward, so little memory), "autograd" (the per-chunk
+            step under autograd; the path `compile=True` compiles), or "auto" (fused on CPU for chunk_size <= 32
+            without compile, else autograd; chosen by measurement, see BENCHMARKS.md). All give the same results up to
+            float rounding. The fused path is not twice differentiable.
 
     Returns:
         y: (B, H, T, D), retrieval of each token after its own update, in q's dtype.
@@ -108,6 +114,7 @@ def memory_update(
             residual=residual,
             layer_norm=layer_norm,
             compile=compile,
+            impl=impl,
         )
     return y.to(out_dtype), w_out, s_out
 

@@ -11,6 +11,10 @@ No per-token weights or per-token gradients are materialised. The only sequentia
 over (batch, head). Each chunk's queries are read inside the loop while its anchor weights are still in cache:
 a variant that stacked every chunk's anchors and read all queries in one batched pass afterwards was slower on
 CPU (the stacks are copies of N full states, memory-bound) - see BENCHMARKS.md.
+
+Two implementations share the coefficients below: `chunk_step` under autograd (optionally torch.compile'd), and
+`fused.ChunkedMemory`, one autograd.Function with a hand-written backward; `memory_update_chunked(impl=...)`
+picks one (`_use_fused`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .fused import ChunkedMemory
 
 LN_EPS = 1e-5
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -140,6 +146,7 @@ def memory_update_chunked(
     residual: bool = True,
     layer_norm: bool = True,
     compile: bool = False,
+    impl: str = "auto",
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Validated-input implementation of `memory_update` (see `titans_train.ops.memory_update`).
 
@@ -172,6 +179,17 @@ def memory_update_chunked(
     W = [w.reshape(BH, *w.shape[2:]) for w in weights]  # (BH, in, out)
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
 
+    if _use_fused(impl, compile, b, q.device):
+        major = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (BH, N, ...) -> (N, BH, ...)
+        BF = major(torch.stack([c["Bc"], c["F"]], dim=-2))
+        E3 = major(torch.stack([end["Bc"], end["P"], end["F"]], dim=-1))
+        GS = major(torch.stack([G_end, S_end], dim=-2))
+        out, *state = ChunkedMemory.apply(residual, layer_norm, major(qc), major(kc), major(vc), BF, major(c["G"]),
+                                          E3, GS, *(w.contiguous() for w in W), *(s.contiguous() for s in S))
+        out = out.transpose(0, 1)  # (BH, N, b, D)
+        W, S = state[:L], state[L:]
+        return _finish(out, qc, W, S, B, H, T, D, residual, layer_norm)
+
     # unbind once: indexing chunk n inside the loop would make every backward step allocate a full-size gradient.
     q_chunks, k_chunks, v_chunks = qc.unbind(1), kc.unbind(1), vc.unbind(1)
     P_end, Bc_end, F_end = (end[name][..., None, None].unbind(1) for name in ("P", "Bc", "F"))  # (BH, 1, 1) each
@@ -189,6 +207,27 @@ def memory_update_chunked(
         outs.append(out)
 
     out = torch.stack(outs, dim=1)  # (BH, N, b, D)
+    return _finish(out, qc, W, S, B, H, T, D, residual, layer_norm)
+
+
+# "auto" picks the fused Function (fused.py) on CPU for chunks up to this size, measured on the 2-core CPU VM (see
+# BENCHMARKS.md): faster than the autograd step at chunk 16 (and 32), slower at 64, where the autograd step's
+# larger matmuls amortise its graph and the fused path's recomputation (+1/3 FLOPs) does not pay.
+FUSED_MAX_CHUNK = 32
+
+
+def _use_fused(impl: str, compile: bool, chunk: int, device: torch.device) -> bool:
+    if impl not in ("auto", "fused", "autograd"):
+        raise ValueError(f"impl must be 'auto', 'fused' or 'autograd', got {impl!r}")
+    if impl == "auto":
+        # compile=True compiles the autograd step (the fused path has no compiled form; compiled is faster).
+        # CPU only: the fused path has not been timed on GPUs.
+        return device.type == "cpu" and not compile and chunk <= FUSED_MAX_CHUNK
+    return impl == "fused"
+
+
+def _finish(out, qc, W, S, B, H, T, D, residual, layer_norm):
+    BH, N, b = out.shape[:3]
     if layer_norm:
         out = F.layer_norm(out, out.shape[-1:], eps=LN_EPS)
     if residual:
