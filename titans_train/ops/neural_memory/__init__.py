@@ -77,9 +77,9 @@ def memory_update(
             process and shape, which takes tens of seconds on CPU). Same results up to float rounding.
         impl: "fused" (one autograd.Function with a hand-written backward: no graph inside the op, anchors
             recomputed from per-segment checkpoints in the backward, so little memory), "autograd" (the per-chunk
-            step under autograd; the path `compile=True` compiles), or "auto" (fused on CPU for chunk_size <= 32
-            without compile, else autograd; chosen by measurement, see BENCHMARKS.md). All give the same results up to
-            float rounding. The fused path is not twice differentiable.
+            step under autograd; the path `compile=True` compiles), or "auto" (the autograd step for now; see
+            `chunk.FUSED_BY_DEFAULT`). All give the same results up to float rounding. The fused path is not
+            twice differentiable.
 
     Returns:
         y: (B, H, T, D), retrieval of each token after its own update, in q's dtype.

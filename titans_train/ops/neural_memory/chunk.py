@@ -214,6 +214,11 @@ def memory_update_chunked(
 # BENCHMARKS.md): faster than the autograd step at chunk 16 (and 32), slower at 64, where the autograd step's
 # larger matmuls amortise its graph and the fused path's recomputation (+1/3 FLOPs) does not pay.
 FUSED_MAX_CHUNK = 32
+# ...but "auto" does not use it yet: with it as the default, tests/test_dist_strategies.py::
+# test_fsdp_checkpoint_is_one_full_file (1 process with gradient accumulation vs FSDP x2, weights equal to 1e-3
+# after 4 Adam steps) fails (embed.weight off by 7e-3), cause not found yet; the op itself matches the reference to
+# 1e-9 in float64 and is thread- and batch-split-invariant in float32. Opt in with impl="fused".
+FUSED_BY_DEFAULT = False
 
 
 def _use_fused(impl: str, compile: bool, chunk: int, device: torch.device) -> bool:
@@ -222,7 +227,7 @@ def _use_fused(impl: str, compile: bool, chunk: int, device: torch.device) -> bo
     if impl == "auto":
         # compile=True compiles the autograd step (the fused path has no compiled form; compiled is faster).
         # CPU only: the fused path has not been timed on GPUs.
-        return device.type == "cpu" and not compile and chunk <= FUSED_MAX_CHUNK
+        return FUSED_BY_DEFAULT and device.type == "cpu" and not compile and chunk <= FUSED_MAX_CHUNK
     return impl == "fused"
 
 
