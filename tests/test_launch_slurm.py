@@ -175,6 +175,13 @@ def test_lightning_reads_rank_world_and_node_from_slurm(monkeypatch, strategy):
         monkeypatch.setenv(k, v)
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(k, raising=False)
+    # Building the Trainer sets the process-wide rank_zero_only.rank to 3: restore it afterwards, or every later
+    # test in this process believes it is rank 3 and its rank-zero loggers (CSV) write nothing.
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning_utilities.core import rank_zero as utils_rank_zero
+
+    for mod in (fabric_rank_zero, utils_rank_zero):
+        monkeypatch.setattr(mod.rank_zero_only, "rank", mod.rank_zero_only.rank)
     r = recipe(f"trainer.strategy={strategy}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=2")
     plugins = cluster_plugins()
     assert len(plugins) == 1 and isinstance(plugins[0], SLURMEnvironment) and not plugins[0].auto_requeue
