@@ -111,7 +111,10 @@ def reset_rows(model: Any, state: Any, rows: Tensor) -> Any:
         return None
     inner = getattr(model, "module", model)
     if not hasattr(inner, "init_state"):
-        raise NotImplementedError("partial memory reset needs State.reset(rows) or model.init_state(batch_size)")
+        raise TypeError(
+            f"{type(inner).__name__} cannot reset memory per row: its state needs reset(rows), "
+            "or the model init_state(batch_size)"
+        )
     fresh = inner.init_state(rows.shape[0])
 
     def mix(old: Tensor, new: Tensor) -> Tensor:
