@@ -114,11 +114,35 @@ def resume_path(recipe) -> Path | None:
     if r == "auto":
         return newest_valid(recipe.ckpt_dir())
     p = Path(r)
-    if not p.is_file():
-        raise UserError(f"checkpoint.resume={r}: no such file (use auto, none or a checkpoint path)")
+    if not p.exists():
+        raise UserError(f"checkpoint.resume={r}: no such file or directory (use auto, none or a checkpoint path)")
     if not is_valid(p):
-        raise UserError(f"checkpoint.resume={r} is not a readable titans-train checkpoint")
+        raise UserError(f"checkpoint.resume={r} is not a complete titans-train checkpoint")
     return p
+
+
+def check_resumable(recipe, ckpt_path, world_size: int) -> None:
+    """The recipe's strategy can load this checkpoint's format on `world_size` processes (else a UserError):
+    a sharded directory needs fsdp (any number of processes); a DeepSpeed directory needs a DeepSpeed strategy on
+    as many processes as wrote it; a file loads under every strategy but DeepSpeed."""
+    from titans_train.train.checkpoint import checkpoint_format, saved_world_size
+
+    strategy = recipe.trainer.strategy
+    deepspeed = strategy.startswith("deepspeed")
+    fmt = checkpoint_format(ckpt_path)
+    if fmt == "sharded" and strategy != "fsdp":
+        raise UserError(f"{ckpt_path} is a sharded (fsdp) checkpoint: resume it with trainer.strategy=fsdp (on any "
+                        f"number of devices), or `titans-train export` its weights; got trainer.strategy={strategy}")
+    if fmt == "deepspeed" and not deepspeed:
+        raise UserError(f"{ckpt_path} is a DeepSpeed checkpoint: resume it with trainer.strategy=deepspeed_stage_2/3, "
+                        f"or `titans-train export` its weights; got trainer.strategy={strategy}")
+    if fmt == "file" and deepspeed:
+        raise UserError(f"{ckpt_path} is a single-file checkpoint, which trainer.strategy={strategy} cannot resume: "
+                        "resume it with ddp or fsdp")
+    saved = saved_world_size(ckpt_path) if fmt == "deepspeed" else None
+    if saved is not None and saved != world_size:
+        raise UserError(f"{ckpt_path} was written by {saved} DeepSpeed ranks and this run has {world_size}: DeepSpeed "
+                        f"resumes on the same number of devices (set the devices to give {saved} processes)")
 
 
 def refuse_mixing_runs(recipe, resume) -> None:
@@ -136,6 +160,8 @@ def checkpoint_meta(path: str | os.PathLike) -> dict:
 
     try:
         return read_meta(path)
+    except ValueError as e:  # a directory that is no checkpoint, a missing path: the message says which
+        raise UserError(str(e)) from None
     except Exception as e:
         raise UserError(f"{path} is not a readable titans-train checkpoint ({type(e).__name__}: {e})") from None
 
@@ -174,24 +200,33 @@ def _optim_with_decay(recipe):
     return dataclasses.replace(recipe.optim, decay_steps=recipe.decay_steps())
 
 
+def checkpoint_weights(path: str | os.PathLike) -> dict:
+    """The LightningModule state dict of a checkpoint of any format, whole, on this one process."""
+    from titans_train.train.checkpoint import load_weights
+
+    if not Path(path).exists():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        return load_weights(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
 def load_model_from_checkpoint(ckpt_path: str | os.PathLike, overrides: list[str] | None = None):
-    """(Recipe, resolved dict, model with the checkpoint's weights) from a checkpoint alone."""
-    from titans_train.train.checkpoint import load_checkpoint
+    """(Recipe, resolved dict, model with the checkpoint's weights) from a checkpoint alone (file, sharded or
+    DeepSpeed directory)."""
     from titans_train.config import recipe_config
 
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():
         raise UserError(f"checkpoint {ckpt_path} not found")
-    try:
-        ckpt = load_checkpoint(ckpt_path)
-    except Exception as e:
-        raise UserError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    from titans_train.train.module import CKPT_KEY
-
-    resolved = (ckpt.get(CKPT_KEY) or {}).get("recipe")
+    resolved = checkpoint_meta(ckpt_path).get("recipe")
     if resolved is None:
         raise UserError(f"{ckpt_path} has no recipe inside: not a titans-train checkpoint")
     recipe = recipe_config(resolved)
     model = build_model(recipe)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    weights = checkpoint_weights(ckpt_path)
+    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     model.load_state_dict(state)
     return recipe, resolved, model

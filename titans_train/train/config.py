@@ -145,7 +145,12 @@ class CheckpointConfig:
     keep_last_k: int = 3
     """Older periodic checkpoints are deleted; 0 = keep all."""
     resume: str = "auto"
-    """auto (newest valid checkpoint in dir, if any) | none | a checkpoint path."""
+    """auto (newest valid checkpoint in dir, if any) | none | a checkpoint path (file or directory)."""
+    sharded: bool = True
+    """Under trainer.strategy=fsdp: each rank writes its own shards into a step-*.ckpt directory
+    (torch.distributed.checkpoint; resumes on any number of processes; `export` consolidates it). false: gather
+    the whole state into one file on rank 0 (it must fit in that host's memory). Other strategies have one format:
+    a file (single device, ddp), a DeepSpeed directory (deepspeed_stage_2/3)."""
 
     def __post_init__(self):
         _check(self.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")

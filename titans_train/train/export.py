@@ -1,5 +1,8 @@
 """`titans-train export CKPT OUT_DIR`: weights as safetensors plus the recipe and tokenizer, for inference.
 
+CKPT is any checkpoint `fit` writes: a file, a sharded (fsdp, torch.distributed.checkpoint) directory or a
+DeepSpeed directory; directories are consolidated on this one process into whole fp32 tensors
+(`checkpoint.load_weights`), however many ranks wrote them.
 OUT_DIR gets `model.safetensors` (model weights only; shared tensors such as tied embeddings stored once),
 `recipe.yaml` (the resolved training recipe; its `model:` section rebuilds the network) and `tokenizer.json`
 (the tokenizer's own serialisation: a Hugging Face tokenizers file, or a small JSON naming the byte tokenizer).
@@ -12,7 +15,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="checkpoint file (step-*.ckpt)")
+    p.add_argument("ckpt", help="checkpoint (step-*.ckpt: a file, or a sharded / DeepSpeed directory)")
     p.add_argument("out_dir", help="directory to write model.safetensors, recipe.yaml, tokenizer.json")
 
 

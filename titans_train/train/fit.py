@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     lit = B.lit_module(recipe, resolved, model)
     trainer = build_trainer(recipe, yaml_text, resolved, lit, run_id=run_id, dry_run=args.dry_run,
                             fresh=ckpt_path is None)
+    if ckpt_path is not None:  # its format (file, sharded or DeepSpeed directory) suits the strategy and world size
+        B.check_resumable(recipe, ckpt_path, trainer.world_size)
     try:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except TrainingDiverged as e:

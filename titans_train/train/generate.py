@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="checkpoint file (step-*.ckpt) or a directory written by `titans-train export`")
+    p.add_argument("ckpt", help="checkpoint (step-*.ckpt: a file, or a sharded / DeepSpeed directory) or a "
+                                "directory written by `titans-train export`")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -21,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from titans_train.cli import UserError
     from titans_train.train import build as B
 
-    if Path(args.ckpt).is_dir():
+    if (Path(args.ckpt) / "model.safetensors").is_file():  # an export (checkpoints can be directories too)
         from titans_train.train.export import load_export
 
         recipe, model, tok = load_export(args.ckpt)

@@ -4,12 +4,16 @@
     fsdp                  FSDP2: `fully_shard` on every block, then on the model, through Lightning's
                           `ModelParallelStrategy` (the LightningModule's `configure_model` calls `parallelize`).
                           On GPU the policy is bf16 parameters / fp32 gradient reduction; `trainer.fsdp_cpu_offload`
-                          keeps parameters, gradients and optimiser state in host memory. Checkpoints are full
-                          state dicts gathered into one file on rank 0, so the usual checkpoint tools (atomic
-                          write, rotation, resume: auto, export, validate) work unchanged and a run resumes on any
-                          number of processes.
+                          keeps parameters, gradients and optimiser state in host memory. Checkpoints are
+                          sharded: every rank writes its own shards into one torch.distributed.checkpoint
+                          directory (no rank gathers the whole state), which resumes on any number of processes;
+                          `checkpoint.sharded=false` gathers one full file on rank 0 instead.
     deepspeed_stage_2/3   Lightning's `DeepSpeedStrategy` (GPU only) with a config derived from the recipe
                           (`deepspeed_config`), where `trainer.deepspeed_config` (a JSON file) overrides keys.
+                          Checkpoints are DeepSpeed's directories (per-rank ZeRO partitions).
+
+Directory checkpoints are written under a hidden temporary name and renamed once every rank has finished
+(`checkpoint.save_directory_atomically`), like the files of the other strategies; see `checkpoint.py`.
 
 `trainer.activation_checkpointing` recomputes each block's activations in backward, under any strategy.
 
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy  # no deepspeed import here
 from torch import Tensor, nn
 
 from titans_train.train.config import STRATEGIES
@@ -54,6 +58,9 @@ def check_strategy(recipe, has_gpu: bool | None = None) -> list[str]:
         problems.append(f"trainer.deepspeed_config is set but trainer.strategy={t.strategy} is not a DeepSpeed one")
     if t.deepspeed_config and not Path(t.deepspeed_config).is_file():
         problems.append(f"trainer.deepspeed_config={t.deepspeed_config}: no such file")
+    if t.strategy in GPU_ONLY and not recipe.checkpoint.sharded:
+        problems.append(f"checkpoint.sharded=false: trainer.strategy={t.strategy} always writes DeepSpeed's sharded "
+                        "directories (export consolidates them)")
     return problems
 
 
@@ -67,11 +74,10 @@ def build_strategy(recipe, *, precision: str):
         raise UserError("; ".join(problems))
     name = recipe.trainer.strategy
     if name == "fsdp":
-        return FSDP2Strategy(cpu_offload=recipe.trainer.fsdp_cpu_offload, bf16=precision.startswith("bf16"))
+        return FSDP2Strategy(cpu_offload=recipe.trainer.fsdp_cpu_offload, bf16=precision.startswith("bf16"),
+                             sharded_checkpoint=recipe.checkpoint.sharded)
     if name in GPU_ONLY:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(config=deepspeed_config(recipe, precision=precision))
+        return AtomicDeepSpeedStrategy(config=deepspeed_config(recipe, precision=precision))
     if name in ("ddp", "ddp_spawn") or (name == "auto" and _several_devices(recipe)):
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -116,11 +122,24 @@ def cluster_plugins() -> list:
 
 class FSDP2Strategy(ModelParallelStrategy):
     """`ModelParallelStrategy` as pure data parallelism: every rank in one data-parallel group (no tensor
-    parallelism), checkpoints as one full file. Carries the FSDP2 options that `parallelize` applies."""
+    parallelism). Carries the FSDP2 options that `parallelize` applies.
 
-    def __init__(self, cpu_offload: bool = False, bf16: bool = False, **kwargs):
-        super().__init__(save_distributed_checkpoint=False, **kwargs)
+    Checkpoints: with `sharded_checkpoint` Lightning's distributed checkpoint (a DCP directory of every rank's
+    shards plus `meta.pt`), written atomically; otherwise full state dicts gathered into one file on rank 0
+    (written by the trainer's CheckpointIO, atomic too). Loading takes either (Lightning tells them apart), and
+    DCP reshards a directory onto however many ranks load it."""
+
+    def __init__(self, cpu_offload: bool = False, bf16: bool = False, sharded_checkpoint: bool = True, **kwargs):
+        super().__init__(save_distributed_checkpoint=sharded_checkpoint, **kwargs)
         self.cpu_offload, self.bf16 = cpu_offload, bf16
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from titans_train.train.checkpoint import save_directory_atomically
+
+        parent = super()
+        save_directory_atomically(self, filepath, lambda tmp: parent.save_checkpoint(checkpoint, tmp, storage_options))
 
     def setup_environment(self) -> None:
         # All ranks shard the model among themselves (Lightning's default splits nodes x devices into data x
@@ -206,7 +225,7 @@ def clip_grad_norm(lit, max_norm: float) -> Tensor:
     measured at its last step."""
     strategy = lit.trainer.strategy
     params = [p for p in lit.model.parameters() if p.grad is not None]
-    if type(strategy).__name__ == "DeepSpeedStrategy":  # no import: deepspeed is an optional extra
+    if isinstance(strategy, DeepSpeedStrategy):
         norm = getattr(strategy.deepspeed_engine, "get_global_grad_norm", lambda: None)()
         return torch.tensor(0.0 if norm is None else float(norm))
     if not is_fsdp2(strategy):
@@ -243,6 +262,16 @@ def clip_grad_norm(lit, max_norm: float) -> Tensor:
 
 
 # --- DeepSpeed -----------------------------------------------------------------------------------------------------
+
+
+class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy whose checkpoint directories appear under their name only when complete."""
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        from titans_train.train.checkpoint import save_directory_atomically
+
+        parent = super()
+        save_directory_atomically(self, filepath, lambda tmp: parent.save_checkpoint(checkpoint, tmp, storage_options))
 
 
 def deepspeed_config(recipe, *, precision: str = "bf16-mixed") -> dict:

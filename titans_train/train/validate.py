@@ -8,13 +8,12 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (its model must match the checkpoint's)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.val_batches=50")
-    p.add_argument("--ckpt", required=True, help="checkpoint file (step-*.ckpt)")
+    p.add_argument("--ckpt", required=True, help="checkpoint (step-*.ckpt: a file, or a sharded / DeepSpeed directory)")
 
 
 def run(args: argparse.Namespace) -> int:
     from titans_train.cli import UserError
     from titans_train.train import build as B
-    from titans_train.train.checkpoint import load_checkpoint
 
     recipe, resolved = B.load_recipe(args.recipe, args.overrides)
     B.check_same_model(resolved["model"], B.checkpoint_meta(args.ckpt), args.ckpt)
@@ -25,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import lightning as L
 
     model = B.build_model(recipe)
-    state = load_checkpoint(args.ckpt)["state_dict"]
+    state = B.checkpoint_weights(args.ckpt)  # consolidated on this one process, whatever wrote it
     lit = B.lit_module(recipe, resolved, model)
     lit.load_state_dict(state)
     trainer = L.Trainer(
