@@ -19,7 +19,8 @@ def _debug_checks():
 B, H, D = 2, 2, 8
 
 
-def make_inputs(T: int, n_layers: int, per_layer_theta=False, layer_norm=True, seed: int = 0, dtype=torch.float64):
+def make_inputs(T: int, n_layers: int, per_layer_theta=False, layer_norm=True, seed: int = 0, dtype=torch.float64,
+                channel_alpha=False):
     """Well-conditioned inputs as the layer produces them: unit-norm q/k, rates in (0, 1), small initial state.
 
     Conditioning matters for a 1e-9 absolute tolerance: an inner gradient descent that diverges (weights that
@@ -33,7 +34,7 @@ def make_inputs(T: int, n_layers: int, per_layer_theta=False, layer_norm=True, s
     v = randn(B, H, T, D)
     theta = 0.05 * (rand(B, H, T, n_layers) if per_layer_theta else rand(B, H, T))
     eta = 0.2 + 0.8 * rand(B, H, T)
-    alpha = 0.02 * rand(B, H, T)  # the weights keep their scale over T (LN stays conditioned)
+    alpha = 0.02 * (rand(B, H, T, D) if channel_alpha else rand(B, H, T))  # the weights keep their scale over T
     dims = [D] + [4 * D] * (n_layers - 1) + [D]
     # |k| = 1: with LN, a unit-std first layer and 2/sqrt(in) after it keep f(k) at unit scale (LN well
     # conditioned); without LN, 1/sqrt(in) keeps the inner gradient step stable.
@@ -58,8 +59,9 @@ def run_with_grads(fn, args, leaves, **kw):
 NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
-def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False, impl="auto"):
-    args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm)
+def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False, impl="auto",
+            channel_alpha=False):
+    args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm, channel_alpha=channel_alpha)
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
     fast = run_with_grads(memory_update, args, leaves, compile=compile, impl=impl, **kw)
     ref = run_with_grads(memory_update_reference, args, leaves, **kw)
@@ -77,6 +79,7 @@ def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False
 
 
 IMPLS = ["fused", "autograd"]  # the hand-written-backward Function and the per-chunk autograd step
+FORMS, FORM_IDS = [(True, True), (False, False), (True, False), (False, True)], ["res+ln", "plain", "res", "ln"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -94,6 +97,86 @@ def test_fast_matches_reference(chunk_size, n_layers, residual, layer_norm, impl
 @pytest.mark.parametrize("chunk_size", [4, 16])
 def test_per_layer_theta(chunk_size, impl):
     compare(37, chunk_size, 2, True, True, per_layer_theta=True, impl=impl)
+
+
+# ---- channel-wise alpha: (B, H, T, D), row r of the first layer decays with alpha[..., r] -------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16, 64], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("n_layers", [1, 2, 3], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("residual,layer_norm", FORMS, ids=FORM_IDS)
+def test_channel_alpha_matches_reference(chunk_size, n_layers, residual, layer_norm):
+    T = 100 if chunk_size == 64 else 37  # never a multiple of the chunk: the last chunk is partial
+    compare(T, chunk_size, n_layers, residual, layer_norm, channel_alpha=True)
+
+
+def test_channel_alpha_chunk_one_is_a_row_wise_decay():
+    """The definition, written out for the linear memory at chunk 1: W_t = diag(1 - alpha_t) W_{t-1} + S_t."""
+    args, _ = make_inputs(9, 1, channel_alpha=True)
+    q, k, v, theta, eta, alpha, W, S = (a.detach() if torch.is_tensor(a) else a for a in args)
+    _, W1, S1 = memory_update(q, k, v, theta, eta, alpha, W, S, chunk_size=1, residual=False, layer_norm=False)
+    w, s = W[0].detach(), S[0].detach()
+    for t in range(9):
+        err = torch.einsum("bhi,bhio->bho", k[:, :, t], w) - v[:, :, t]
+        u = 2 * torch.einsum("bhi,bho->bhio", k[:, :, t], err)
+        s = eta[:, :, t, None, None] * s - theta[:, :, t, None, None] * u
+        w = (1 - alpha[:, :, t, :, None]) * w + s  # row r (input channel r) keeps 1 - alpha_t[r]
+    torch.testing.assert_close(W1[0].detach(), w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S1[0].detach(), s, rtol=0, atol=1e-12)
+
+
+def test_channel_alpha_per_layer_theta():
+    compare(37, 4, 2, True, True, per_layer_theta=True, channel_alpha=True)
+
+
+@pytest.mark.parametrize("elements", [1, 3 * B * H * 4 * 4 * D], ids=["group1", "group3"])
+def test_channel_alpha_chunk_groups(elements, monkeypatch):
+    """The per-channel terms are built a few chunks at a time (checkpointed): one chunk per group, and groups of
+    3 chunks that do not divide the 10 chunks, give the reference's results."""
+    from titans_train.ops.neural_memory import chunk
+
+    monkeypatch.setattr(chunk, "CHANNEL_GROUP_ELEMENTS", elements)
+    compare(37, 4, 2, True, True, channel_alpha=True)
+
+
+def test_equal_channels_equal_scalar_alpha():
+    """alpha repeated over the channels is the (B, H, T) form: outputs, state and every gradient (alpha's gradient
+    summed over the channels by the expand). Different code paths, so equal up to round-off."""
+    args, leaves = make_inputs(37, 3)
+    scalar = run_with_grads(memory_update, args, leaves, chunk_size=8)
+    args = list(args)
+    args[5] = args[5].unsqueeze(-1).expand(B, H, 37, D)
+    channel = run_with_grads(memory_update, args, leaves, chunk_size=8)
+    assert (scalar[0] - channel[0]).abs().max() <= TOL
+    for a, b in zip(scalar[1] + scalar[2] + scalar[3], channel[1] + channel[2] + channel[3]):
+        assert (a - b).abs().max() <= TOL
+
+
+def test_channel_alpha_impls():
+    """"fused" has no channel-wise form and says so; "auto" and "autograd" run the autograd step."""
+    args = _good(channel_alpha=True)
+    with pytest.raises(ValueError, match=r"impl='fused' does not support channel-wise alpha"):
+        memory_update(*args, impl="fused")
+    y_auto, *_ = memory_update(*args, impl="auto")
+    y_grad, *_ = memory_update(*args, impl="autograd")
+    assert torch.equal(y_auto, y_grad)
+
+
+def test_channel_alpha_without_grad_and_chained():
+    """Under no_grad (no checkpointing) and in two chunk-aligned calls, the same as one call with gradients."""
+    args, _ = make_inputs(48, 2, channel_alpha=True)
+    q, k, v, theta, eta, alpha, W, S = args
+    y, W1, S1 = memory_update(*args, chunk_size=16)
+    with torch.no_grad():
+        y_ng, W_ng, _ = memory_update(*args, chunk_size=16)
+    assert (y_ng - y).abs().max() <= TOL and (W_ng[0] - W1[0]).abs().max() <= TOL
+    cut = 32
+    part = lambda a, sl: [x[:, :, sl] for x in a]  # noqa: E731
+    ya, Wa, Sa = memory_update(*part((q, k, v, theta, eta, alpha), slice(None, cut)), W, S, chunk_size=16)
+    yb, Wb, Sb = memory_update(*part((q, k, v, theta, eta, alpha), slice(cut, None)), Wa, Sa, chunk_size=16)
+    assert (torch.cat([ya, yb], 2) - y).abs().max() <= TOL
+    for a, b in zip(W1 + S1, Wb + Sb):
+        assert (a - b).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("segment", [1, 3])
@@ -135,15 +218,17 @@ def test_bad_impl():
         memory_update(*_good(), impl="nope")
 
 
-def test_compiled_step_matches_reference():
+@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
+def test_compiled_step_matches_reference(channel_alpha):
     """The torch.compile'd chunk step (fused elementwise work) is held to the same float64 tolerance."""
-    compare(37, 16, 2, True, True, compile=True)
+    compare(37, 16, 2, True, True, compile=True, channel_alpha=channel_alpha)
 
 
+@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
 @pytest.mark.parametrize("T", [1, 5, 16])
-def test_short_sequences(T):
+def test_short_sequences(T, channel_alpha):
     """T smaller than, or equal to, one chunk."""
-    compare(T, 16, 2, True, True)
+    compare(T, 16, 2, True, True, channel_alpha=channel_alpha)
 
 
 def test_chunk_one_equals_fully_sequential_update():
@@ -194,8 +279,8 @@ def test_reduced_precision_keeps_state_fp32():
 # ---- bad input -------------------------------------------------------------------------------------------------
 
 
-def _good(T=10, n_layers=2):
-    args, _ = make_inputs(T, n_layers)
+def _good(T=10, n_layers=2, channel_alpha=False):
+    args, _ = make_inputs(T, n_layers, channel_alpha=channel_alpha)
     return [a.detach() if torch.is_tensor(a) else tuple(x.detach() for x in a) for a in args]
 
 
@@ -207,6 +292,10 @@ def _good(T=10, n_layers=2):
         (lambda a: a.__setitem__(3, a[3][:, :1]), r"theta.shape="),
         (lambda a: a.__setitem__(4, a[4].unsqueeze(-1)), r"eta.shape="),
         (lambda a: a.__setitem__(5, a[5][..., :3]), r"alpha.shape="),
+        (lambda a: a.__setitem__(5, a[5].unsqueeze(-1).expand(*a[5].shape, 3)),
+         r"alpha.shape=\(2, 2, 10, 3\) must be \(B, H, T\)=\(2, 2, 10\) or, channel-wise, "
+         r"\(B, H, T, D\)=\(2, 2, 10, 8\)"),
+        (lambda a: a.__setitem__(5, a[5][..., None, None]), r"alpha.shape=\(2, 2, 10, 1, 1\) must be"),
         (lambda a: a.__setitem__(6, (a[6][0][..., :7, :], a[6][1])), r"weights\[0\].shape\[2\]=7 must equal q.shape\[3\]"),
         (lambda a: (a.__setitem__(6, (a[6][0], a[6][1][..., :5])), a.__setitem__(7, (a[7][0], a[7][1][..., :5]))),
          r"weights\[1\].shape\[3\]=5 must equal q.shape\[3\]"),
@@ -216,8 +305,8 @@ def _good(T=10, n_layers=2):
         (lambda a: a.__setitem__(4, a[4].long()), r"eta must be a floating-point tensor"),
         (lambda a: a.__setitem__(6, ()), r"at least one memory layer"),
     ],
-    ids=["q-rank", "k-shape", "theta-shape", "eta-rank", "alpha-len", "w0-in", "wL-out", "momentum-len",
-         "momentum-shape", "dtype", "int-rate", "no-layers"],
+    ids=["q-rank", "k-shape", "theta-shape", "eta-rank", "alpha-len", "alpha-channels", "alpha-rank", "w0-in", "wL-out",
+         "momentum-len", "momentum-shape", "dtype", "int-rate", "no-layers"],
 )
 def test_bad_input_names_the_argument(mutate, match):
     args = _good()
@@ -243,11 +332,17 @@ def test_debug_mode_checks_values():
     args[0][0, 0, 0, 0] = float("nan")
     with debug_checks(), pytest.raises(ValueError, match="q holds non-finite values"):
         memory_update(*args)
+    args = _good(channel_alpha=True)
+    args[5] = args[5].clone()
+    args[5][0, 1, 2, 3] = 1.5  # one channel outside [0, 1]
+    with debug_checks(), pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+        memory_update(*args)
 
 
 @pytest.mark.gpu
-def test_gpu_matches_cpu_reference():
-    args, _ = make_inputs(37, 2)
+@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
+def test_gpu_matches_cpu_reference(channel_alpha):
+    args, _ = make_inputs(37, 2, channel_alpha=channel_alpha)
     dev = [a.detach().cuda() if torch.is_tensor(a) else tuple(x.detach().cuda() for x in a) for a in args]
     leaves_cpu = [a for a in args[:6]] + list(args[6]) + list(args[7])
     leaves_gpu = [a.requires_grad_() for a in dev[:6]] + [w.requires_grad_() for w in dev[6]] + [

@@ -69,7 +69,11 @@ def memory_update(
         theta: (B, H, T) inner learning rate in [0, 1] (already scaled), or (B, H, T, L) for one rate per
             memory layer.
         eta: (B, H, T) momentum decay in [0, 1].
-        alpha: (B, H, T) forgetting gate in [0, 1].
+        alpha: (B, H, T) forgetting gate in [0, 1], or (B, H, T, D) for a channel-wise gate: row r of the first
+            memory layer's weights (input channel r, the key/query feature r, like GLA's gate on the key dimension)
+            decays with alpha_t[r], W1_t = diag(1 - alpha_t) W1_{t-1} + S1_t, and every later layer with the
+            channel mean alpha_t.mean(-1) (equal channels give exactly the (B, H, T) form). Momentum and theta are
+            unchanged. Channel-wise alpha runs the autograd step ("auto" picks it; "fused" raises ValueError).
         weights: L tensors, layer i (B, H, in_i, out_i) with in_1 = out_L = D and out_i = in_{i+1}.
         momentum: L tensors shaped like `weights` (S_0; zeros at the start of a stream).
         chunk_size: tokens per memory chunk (one anchor per chunk). T need not be a multiple of it.
@@ -140,9 +144,11 @@ def _validate(q, k, v, theta, eta, alpha, weights, momentum, chunk_size) -> None
         raise ValueError("weights must hold at least one memory layer, got 0")
     if len(momentum) != L:
         raise ValueError(f"len(momentum)={len(momentum)} must equal len(weights)={L}")
-    for name in ("eta", "alpha"):
-        if named[name].shape != (B, H, T):
-            raise ValueError(f"{name}.shape={tuple(named[name].shape)} must be (B, H, T)={(B, H, T)}")
+    if eta.shape != (B, H, T):
+        raise ValueError(f"eta.shape={tuple(eta.shape)} must be (B, H, T)={(B, H, T)}")
+    if alpha.shape != (B, H, T) and alpha.shape != (B, H, T, D):
+        raise ValueError(f"alpha.shape={tuple(alpha.shape)} must be (B, H, T)={(B, H, T)} or, channel-wise, "
+                         f"(B, H, T, D)={(B, H, T, D)}")
     if theta.shape != (B, H, T) and theta.shape != (B, H, T, L):
         raise ValueError(f"theta.shape={tuple(theta.shape)} must be (B, H, T)={(B, H, T)} or (B, H, T, L)={(B, H, T, L)}")
     prev_out = D

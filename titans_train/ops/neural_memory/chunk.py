@@ -12,6 +12,14 @@ over (batch, head). Each chunk's queries are read inside the loop while its anch
 a variant that stacked every chunk's anchors and read all queries in one batched pass afterwards was slower on
 CPU (the stacks are copies of N full states, memory-bound) - see BENCHMARKS.md.
 
+Channel-wise alpha ((B, H, T, D), `channel_first_layer`): the first layer's rows decay per channel,
+W1_i = diag(1 - alpha_i) W1_{i-1} + S1_i, so its coefficients gain a channel index r (Bc1[i, r], F1[i, r],
+G1[i, j, r]) and its scores become a channel-weighted inner product sum_r q_i[r] G1[i, j, r] k_j[r]; the later
+layers use the scalar coefficients of the channel mean. Layer 1's inputs are q and k themselves, so all of that is
+computed before the chunk loop (a few chunks at a time, recomputed in the backward: the (b, b, D) tensors are never
+kept), and the loop's step only swaps layer 1's coefficients. Only `chunk_step` implements it (not the fused
+Function).
+
 Two implementations share the coefficients below: `chunk_step` under autograd (optionally torch.compile'd), and
 `fused.ChunkedMemory`, one autograd.Function with a hand-written backward; `memory_update_chunked(impl=...)`
 picks one (`_use_fused`).
@@ -23,6 +31,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .fused import ChunkedMemory
@@ -76,12 +85,68 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> dict[str, T
     return {"deta": deta, "P": P, "Bc": Bc, "F": F_, "G": G}
 
 
-def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end, residual: bool, layer_norm: bool):
+def segsum_channels(x: Tensor) -> Tensor:
+    """`segsum` along dim -2 with the channels last: x (..., b, D) -> out[..., i, j, r] = sum_{k=j+1..i} x[..., k, r]
+    for j <= i (0 on the diagonal), -inf above it; (..., b, b, D).
+
+    A matmul with the 0/1 matrix M[(i, j), k] = [j < k <= i]: the same terms as `segsum`'s masked cumsum (direct
+    sums, no differences of cumsums), and faster than a cumsum over a non-contiguous dim for these sizes.
+    """
+    b = x.shape[-2]
+    idx = torch.arange(b, device=x.device)
+    k, j, i = idx, idx[:, None], idx[:, None, None]
+    M = ((j < k) & (k <= i)).to(x.dtype).view(b * b, b)
+    out = (M @ x).unflatten(-2, (b, b))  # (..., b_i, b_j, D)
+    lower = torch.ones(b, b, dtype=torch.bool, device=x.device).tril()[..., None]
+    return out.masked_fill(~lower, float("-inf"))
+
+
+def channel_first_layer(q: Tensor, k: Tensor, theta1: Tensor, deta: Tensor, P: Tensor, alpha: Tensor, last: Tensor):
+    """Channel-wise alpha: everything the first memory layer needs from its per-channel decay, for a few chunks.
+
+    q, k, alpha: (BH, n, b, D); theta1 (the first layer's theta), P: (BH, n, b); deta: (BH, n, b, b), P and deta
+    from `chunk_coefficients`; last: (n,) the row of each chunk's last real token. Row r of W1 decays with
+    alpha[..., r]; with chunk-local indices and E1[i, l, r] = prod_{k=l+1..i} (1 - alpha_k[r]) (a segment sum of
+    logs, like E):
+      Bc1[i, r] = prod_{k<=i} (1 - alpha_k[r]),  F1[i, r] = sum_l E1[i, l, r] P_l,
+      G1[i, j, r] = sum_l E1[i, l, r] Deta[l, j] theta1_j,
+    and W1_i = diag(Bc1_i) W1_0 + diag(F1_i) S1_0 - sum_j diag(G1[i, j]) u1_j. With u1_j = k_j^T delta_j the decay
+    scales channel r of k_j, so query i of the chunk reads (layer 1's input is q itself)
+      z_i = (Bc1_i * q_i) W1_0 + (F1_i * q_i) S1_0 - sum_j scores[i, j] delta_j,
+      scores[i, j] = sum_r q_i[r] G1[i, j, r] k_j[r]                       (a channel-weighted q_i . k_j)
+    and the chunk-end state is W1_e[r, :] = Bc1_e[r] W1_0[r, :] + F1_e[r] S1_0[r, :] - ((G1[e] * k)^T Delta)[r, :].
+    None of it depends on the anchor weights, so it runs before the chunk loop, which only sees small tensors.
+
+    Returns Bc1 * q, F1 * q (BH, n, b, D), scores (BH, n, b, b), Bc1_e, F1_e (BH, n, D), G1[e] * k (BH, n, b, D).
+    """
+    b = q.shape[-2]
+    log_keep = _safe_log(1.0 - alpha)  # (BH, n, b, D)
+    decay = torch.exp(segsum_channels(log_keep))  # E1 (BH, n, b_i, b_l, D)
+    Bc1 = torch.exp(torch.cumsum(log_keep, dim=-2))  # (BH, n, b, D)
+    # G1 and F1 in one matmul per row i: rows j of DT[j, l] = Deta[l, j] theta1_j, then one row P_l.
+    R = torch.cat([(deta * theta1.unsqueeze(-2)).transpose(-1, -2), P.unsqueeze(-2)], dim=-2)  # (BH, n, b + 1, b)
+    G1, F1 = (R.unsqueeze(-3) @ decay).split([b, 1], dim=-2)  # (BH, n, b_i, b_j, D), (BH, n, b_i, 1, D)
+    F1 = F1.squeeze(-2)
+    scores = (G1 * (q.unsqueeze(-2) * k.unsqueeze(-3))).sum(-1)  # (BH, n, b, b), lower triangular
+    rows = torch.arange(q.shape[1], device=q.device)
+    return Bc1 * q, F1 * q, scores, Bc1[:, rows, last], F1[:, rows, last], G1[:, rows, last] * k
+
+
+# Chunks per call of `channel_first_layer` so that its (BH, n, b, b, D) tensors stay about this many elements (a few
+# MB, cache-sized): the backward recomputes them (torch.utils.checkpoint) instead of keeping them, so the memory
+# they take does not grow with T.
+CHANNEL_GROUP_ELEMENTS = 1 << 19
+
+
+def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end, residual: bool, layer_norm: bool,
+               first: tuple[Tensor, ...] | None = None):
     """One memory chunk, batched over (batch, head): read its queries, then advance the anchor state.
 
     xq, xk, v: (BH, b, D); W, S: lists of L anchors (BH, in, out); Bc_rows, F_rows: (BH, b, 1); G: (BH, L, b, b);
     P_e, Bc_e, F_e: (BH, 1, 1) chunk-end coefficients; G_end, S_end: (BH, L, b, 1) chunk-end rows of G and of
-    Deta * theta. Returns the queries' last-layer pre-norm outputs (BH, b, D) and the next anchors.
+    Deta * theta. `first`: channel-wise alpha only, the first layer's terms from `channel_first_layer` (Bc1 * xq,
+    F1 * xq (BH, b, D), scores (BH, b, b), Bc1_e, F1_e (BH, D, 1), G1[e] * xk (BH, b, D)), used for layer 1.
+    Returns the queries' last-layer pre-norm outputs (BH, b, D) and the next anchors.
     """
     L = len(W)
     # Keys at the anchor weights: activations a_l and errors delta_l of the inner loss, u_j = a_j^T delta_j.
@@ -108,8 +173,12 @@ def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end
     # Done here, while the anchor weights are hot in cache, rather than batched over all chunks afterwards.
     h = xq
     for l in range(L):
-        scores = G[:, l] * (h @ acts[l].transpose(-1, -2))  # (BH, b, b), lower triangular
-        z = torch.baddbmm(torch.bmm(Bc_rows * h, W[l]), F_rows * h, S[l])
+        if l == 0 and first is not None:  # channel-wise: z = (Bc1 * X) W_0 + (F1 * X) S_0 - scores Delta
+            scores = first[2]
+            z = torch.baddbmm(torch.bmm(first[0], W[0]), first[1], S[0])
+        else:
+            scores = G[:, l] * (h @ acts[l].transpose(-1, -2))  # (BH, b, b), lower triangular
+            z = torch.baddbmm(torch.bmm(Bc_rows * h, W[l]), F_rows * h, S[l])
         z = torch.baddbmm(z, scores, deltas[l], alpha=-1.0)
         h = F.gelu(z) if l < L - 1 else z
 
@@ -117,7 +186,12 @@ def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end
     W_new, S_new = [], []
     for l in range(L):
         a_t = acts[l].transpose(-1, -2)  # (BH, in, b)
-        W_new.append(torch.baddbmm(torch.addcmul(Bc_e * W[l], F_e, S[l]), a_t, G_end[:, l] * deltas[l], alpha=-1.0))
+        if l == 0 and first is not None:  # W1[r] = Bc1_e[r] W1[r] + F1_e[r] S1[r] - ((G1[e] * X_k)^T Delta)[r]
+            w = torch.baddbmm(torch.addcmul(first[3] * W[0], first[4], S[0]), first[5].transpose(-1, -2), deltas[0],
+                              alpha=-1.0)
+        else:
+            w = torch.baddbmm(torch.addcmul(Bc_e * W[l], F_e, S[l]), a_t, G_end[:, l] * deltas[l], alpha=-1.0)
+        W_new.append(w)
         S_new.append(torch.baddbmm(P_e * S[l], a_t, S_end[:, l] * deltas[l], alpha=-1.0))
     return h, W_new, S_new
 
@@ -150,7 +224,8 @@ def memory_update_chunked(
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Validated-input implementation of `memory_update` (see `titans_train.ops.memory_update`).
 
-    theta is (B, H, T, L) here (the wrapper expands a shared rate). Computes in the dtype of q.
+    theta is (B, H, T, L) here (the wrapper expands a shared rate); alpha (B, H, T) or (B, H, T, D) (channel-wise,
+    autograd step only). Computes in the dtype of q.
     """
     B, H, T, D = q.shape
     L = len(weights)
@@ -167,7 +242,9 @@ def memory_update_chunked(
         return x.reshape(BH, N, b, *x.shape[2:])
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)  # (BH, N, b, D)
-    c = chunk_coefficients(chunks(theta), chunks(eta, 1.0), chunks(alpha))
+    channel = alpha.dim() == 4  # channel-wise alpha: layer 1 per channel, the later layers with the channel mean
+    alpha_c = chunks(alpha)  # (BH, N, b) or (BH, N, b, D)
+    c = chunk_coefficients(chunks(theta), chunks(eta, 1.0), alpha_c.mean(-1) if channel else alpha_c)
     # The state a chunk hands on is the one after its last real token (row b-1, or T-1's row in the last chunk).
     last = torch.full((N,), b - 1, dtype=torch.long, device=q.device)
     last[-1] = (T - 1) - (N - 1) * b
@@ -179,7 +256,7 @@ def memory_update_chunked(
     W = [w.reshape(BH, *w.shape[2:]) for w in weights]  # (BH, in, out)
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
 
-    if _use_fused(impl, compile, b, q.device):
+    if _use_fused(impl, compile, b, q.device, channel_alpha=channel):
         major = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (BH, N, ...) -> (N, BH, ...)
         BF = major(torch.stack([c["Bc"], c["F"]], dim=-2))
         E3 = major(torch.stack([end["Bc"], end["P"], end["F"]], dim=-1))
@@ -197,17 +274,38 @@ def memory_update_chunked(
     S_end_chunks = S_end[..., None].unbind(1)
     Bc_rows, F_rows = c["Bc"][..., None].unbind(1), c["F"][..., None].unbind(1)  # (BH, b, 1) each
     G_chunks = c["G"].unbind(1)  # (BH, L, b, b) each
+    first = [None] * N
+    if channel:
+        first = _channel_terms(qc, kc, chunks(theta)[..., 0], c["deta"], c["P"], alpha_c, last)
     outs = []
     step = _compiled_step() if compile else chunk_step
     for n in range(N):
         out, W, S = step(
             q_chunks[n], k_chunks[n], v_chunks[n], W, S, Bc_rows[n], F_rows[n], G_chunks[n],
-            P_end[n], Bc_end[n], F_end[n], G_end_chunks[n], S_end_chunks[n], residual, layer_norm,
+            P_end[n], Bc_end[n], F_end[n], G_end_chunks[n], S_end_chunks[n], residual, layer_norm, first[n],
         )
         outs.append(out)
 
     out = torch.stack(outs, dim=1)  # (BH, N, b, D)
     return _finish(out, qc, W, S, B, H, T, D, residual, layer_norm)
+
+
+def _channel_terms(qc, kc, theta1, deta, P, alpha, last) -> list[tuple[Tensor, ...]]:
+    """`channel_first_layer` over all N chunks, in groups of chunks (checkpointed when a gradient is needed), split
+    into one tuple per chunk for `chunk_step`'s `first`."""
+    BH, N, b, D = qc.shape
+    group = max(1, CHANNEL_GROUP_ELEMENTS // (BH * b * b * D))
+    parts = [x.split(group, dim=1) for x in (qc, kc, theta1, deta, P, alpha)] + [last.split(group)]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (qc, kc, theta1, deta, P, alpha))
+    outs = []
+    for args in zip(*parts):
+        if needs_grad:
+            outs.append(torch.utils.checkpoint.checkpoint(channel_first_layer, *args, use_reentrant=False))
+        else:
+            outs.append(channel_first_layer(*args))
+    Bq, Fq, scores, Bc1_e, F1_e, Ke = (torch.cat(x, dim=1) if len(outs) > 1 else x[0] for x in zip(*outs))
+    return list(zip(Bq.unbind(1), Fq.unbind(1), scores.unbind(1), Bc1_e[..., None].unbind(1), F1_e[..., None].unbind(1),
+                    Ke.unbind(1)))
 
 
 # "auto" picks the fused Function (fused.py) on CPU for chunks up to this size, measured on the 2-core CPU VM (see
@@ -221,9 +319,14 @@ FUSED_MAX_CHUNK = 32
 FUSED_BY_DEFAULT = False
 
 
-def _use_fused(impl: str, compile: bool, chunk: int, device: torch.device) -> bool:
+def _use_fused(impl: str, compile: bool, chunk: int, device: torch.device, channel_alpha: bool = False) -> bool:
     if impl not in ("auto", "fused", "autograd"):
         raise ValueError(f"impl must be 'auto', 'fused' or 'autograd', got {impl!r}")
+    if channel_alpha:  # the fused Function has scalar decay coefficients only
+        if impl == "fused":
+            raise ValueError("impl='fused' does not support channel-wise alpha (alpha of shape (B, H, T, D)); "
+                             "use impl='autograd' or 'auto'")
+        return False
     if impl == "auto":
         # compile=True compiles the autograd step (the fused path has no compiled form; compiled is faster).
         # CPU only: the fused path has not been timed on GPUs.

@@ -44,6 +44,10 @@ def memory_update_reference(
     For every token t: u_t = grad_W ||M_{W_anchor}(k_t) - v_t||^2 (anchor = weights at the start of t's chunk,
     chunks aligned to t = 0), S_t = eta_t S_{t-1} - theta_t u_t, W_t = (1 - alpha_t) W_{t-1} + S_t,
     y_t = M_{W_t}(q_t). `theta` may be (B, H, T) or (B, H, T, L) (one rate per memory layer).
+
+    `alpha` may be (B, H, T) or (B, H, T, D) (channel-wise): then row r of the first layer's weights (input
+    channel r, the key/query feature r) decays with alpha_t[r], W1_t = diag(1 - alpha_t) W1_{t-1} + S1_t, and every
+    later layer with the channel mean alpha_t.mean(-1).
     """
     n_layers = len(weights)
     T = q.shape[2]
@@ -57,6 +61,11 @@ def memory_update_reference(
     grad_fn = torch.func.grad(inner_loss)
     W, S = list(weights), list(momentum)
     anchor = tuple(W)
+    # keep[i][:, :, t] multiplies W_i at token t: (1 - alpha_t), broadcast over the weights
+    if alpha.dim() == 4:  # channel-wise: row r of layer 1 keeps 1 - alpha_t[r], later layers 1 - mean_r alpha_t[r]
+        keep = [1 - alpha[..., None]] + [1 - alpha.mean(-1)[..., None, None]] * (n_layers - 1)  # (B, H, T, D|1, 1)
+    else:
+        keep = [1 - alpha[..., None, None]] * n_layers  # (B, H, T, 1, 1)
     ys = []
     for t in range(T):
         if t % chunk_size == 0:
@@ -64,6 +73,6 @@ def memory_update_reference(
         u = grad_fn(anchor, k[:, :, t], v[:, :, t])
         for i in range(n_layers):
             S[i] = eta[:, :, t, None, None] * S[i] - theta[:, :, t, i, None, None] * u[i]
-            W[i] = (1 - alpha[:, :, t, None, None]) * W[i] + S[i]
+            W[i] = keep[i][:, :, t] * W[i] + S[i]
         ys.append(memory_forward(W, q[:, :, t], residual, layer_norm))
     return torch.stack(ys, dim=2), tuple(W), tuple(S)
