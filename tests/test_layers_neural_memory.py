@@ -38,10 +38,14 @@ def random_split(T: int, gen: torch.Generator) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("per_layer_theta", [False, True], ids=["theta-shared", "theta-per-layer"])
+RATES = {"theta-shared": {}, "theta-per-layer": {"per_layer_theta": True}, "alpha-channel": {"channel_alpha": True},
+         "theta-per-layer+alpha-channel": {"per_layer_theta": True, "channel_alpha": True}}
+
+
+@pytest.mark.parametrize("rates", list(RATES))
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pieces_of_random_sizes_equal_one_call(seed, per_layer_theta):
-    layer = make_layer(per_layer_theta=per_layer_theta)
+def test_pieces_of_random_sizes_equal_one_call(seed, rates):
+    layer = make_layer(**RATES[rates])
     x = torch.randn(2, 61, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     y_full, s_full = layer(x)
     gen = torch.Generator().manual_seed(100 + seed)
@@ -58,8 +62,9 @@ def test_pieces_of_random_sizes_equal_one_call(seed, per_layer_theta):
         assert (a - b).abs().max() <= TOL
 
 
-def test_token_by_token_equals_one_call():
-    layer = make_layer(chunk_size=4)
+@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
+def test_token_by_token_equals_one_call(channel_alpha):
+    layer = make_layer(chunk_size=4, channel_alpha=channel_alpha)
     x = torch.randn(1, 19, 24, dtype=torch.float64)
     y_full, _ = layer(x)
     state, ys = None, []
@@ -69,9 +74,10 @@ def test_token_by_token_equals_one_call():
     assert (torch.cat(ys, 1) - y_full).abs().max() <= TOL
 
 
-def test_layer_matches_reference_op():
+@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
+def test_layer_matches_reference_op(channel_alpha):
     """The layer's memory read-out is the reference op applied to its own projections."""
-    layer = make_layer()
+    layer = make_layer(channel_alpha=channel_alpha)
     x = torch.randn(2, 21, 24, dtype=torch.float64)
     out, _ = layer(x)
     # Recompute projections as the layer does and run the token-loop reference.
@@ -79,13 +85,15 @@ def test_layer_matches_reference_op():
     q, k, v = (layer._heads(t) for t in F.silu(qkv).split(24, dim=-1))
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     theta, eta, alpha = layer._rates(x)
+    assert alpha.shape == ((2, 3, 21, 8) if channel_alpha else (2, 3, 21))
     s0 = layer.init_state(2)
     y_ref, _, _ = memory_update_reference(q, k, v, theta[..., 0], eta, alpha, s0.weights, s0.momentum, chunk_size=8)
     assert (layer._output(y_ref, x) - out).abs().max() <= TOL
 
 
-def test_retrieve_reads_current_weights_without_writing():
-    layer = make_layer()
+@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
+def test_retrieve_reads_current_weights_without_writing(channel_alpha):
+    layer = make_layer(channel_alpha=channel_alpha)
     x = torch.randn(2, 13, 24, dtype=torch.float64)  # 13 = one full chunk + 5 pending
     _, state = layer(x)
     probe = torch.randn(2, 6, 24, dtype=torch.float64)
@@ -121,8 +129,9 @@ def test_reset_rows_restart_from_initial_state():
     assert (y[1] - y_keep[1]).abs().max() <= TOL  # row 1 is untouched
 
 
-def test_reset_with_pending_tokens_makes_them_no_ops():
-    layer = make_layer(conv_kernel=1)  # no conv memory: the reset row must then equal a fresh start exactly
+@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
+def test_reset_with_pending_tokens_makes_them_no_ops(channel_alpha):
+    layer = make_layer(conv_kernel=1, channel_alpha=channel_alpha)  # no conv: the reset row must equal a fresh start
     x = torch.randn(2, 11, 24, dtype=torch.float64)  # 3 tokens pending
     _, state = layer(x)
     state = layer.reset_state(state, torch.tensor([True, False]))
@@ -146,6 +155,20 @@ def test_detach_cuts_the_graph():
     d = state.detach()
     assert state.weights[0].requires_grad and not d.weights[0].requires_grad
     assert d.tokens_in_chunk == 2
+
+
+def test_channel_alpha_rates():
+    """channel_alpha: the rate map emits [theta | eta | alpha x head_dim] per head, every alpha with the same bias,
+    and the streaming state carries (B, H, n, D) pending alphas."""
+    layer = NeuralMemory(dim=24, heads=3, chunk_size=8, channel_alpha=True, eta_bias=1.5, alpha_bias=-4.0)
+    assert layer.rates.out_features == 3 * (1 + 1 + 8)
+    bias = layer.rates.bias.view(3, 10)
+    assert torch.equal(bias[:, 1], torch.full((3,), 1.5)) and torch.equal(bias[:, 2:], torch.full((3, 8), -4.0))
+    _, state = layer(torch.randn(2, 11, 24))
+    assert state.pending[4].shape == (2, 3, 3, 8) and state.tokens_in_chunk == 3
+    assert layer.init_state(2).pending[4].shape == (2, 3, 0, 8)
+    n_scalar = sum(p.numel() for p in NeuralMemory(dim=24, heads=3).parameters())
+    assert sum(p.numel() for p in layer.parameters()) == n_scalar + 3 * 7 * (24 + 1)  # 7 more rates per head
 
 
 def test_bad_config():

@@ -1,9 +1,10 @@
 """NeuralMemory: the Titans long-term memory as a sequence layer with a streaming state.
 
 x -> q, k, v (linear, causal depthwise conv k=4, SiLU; q and k L2-normalised per head) and per-token, per-head
-rates theta (inner lr, scaled by `max_lr`), eta (momentum decay), alpha (forgetting), all sigmoid of linear maps
-of x. The memory op (`titans_train.ops.memory_update`) writes k -> v into per-head fast weights and reads q back;
-the read-out goes through a per-head RMS norm, a SiLU gate from x, and the output projection.
+rates theta (inner lr, scaled by `max_lr`), eta (momentum decay), alpha (forgetting; optionally one per channel of
+the head, `channel_alpha`), all sigmoid of linear maps of x. The memory op (`titans_train.ops.memory_update`)
+writes k -> v into per-head fast weights and reads q back; the read-out goes through a per-head RMS norm, a SiLU
+gate from x, and the output projection.
 
 Streaming: the state keeps the fast weights at the last memory-chunk boundary (the anchor of the current chunk)
 and the inputs of the tokens seen since then (fewer than `chunk_size`). The next call replays those tokens from
@@ -30,7 +31,7 @@ class MemoryState(StateMixin):
 
     weights, momentum: fast weights and momentum at the last memory-chunk boundary, L tensors (B, H, in, out).
     pending: inputs of the tokens seen since that boundary (n < chunk_size of them): k, v (B, H, n, D),
-        theta (B, H, n, L), eta and alpha (B, H, n).
+        theta (B, H, n, L), eta (B, H, n) and alpha (B, H, n), or (B, H, n, D) with `channel_alpha`.
     conv_tail: the last (kernel - 1) q/k/v projections before the causal conv, (B, kernel - 1, 3 * H * D),
         for the update stream; query_tail the same for `retrieve`'s read-only stream (q projections only).
     """
@@ -59,6 +60,9 @@ class NeuralMemory(nn.Module):
         chunk_size: memory chunk (tokens sharing one anchor for the inner gradient); paper default 16.
         max_lr: theta = max_lr * sigmoid(.); the inner learning rate's ceiling.
         per_layer_theta: a separate theta per memory layer (NeurIPS version) instead of one per head.
+        channel_alpha: a forgetting gate per channel of the head (D of them per head and token) instead of one:
+            row r of the first memory layer's weights (key/query feature r) decays with alpha[r], the later layers
+            with the channel mean (see `memory_update`). Same bias init for every channel.
         residual, layer_norm: M(x) = x + LN(f(x)); each part can be switched off.
         conv_kernel: causal depthwise conv over q/k/v (0 or 1 disables it).
         init_std: std of the learned initial fast weights W_0 is init_std / sqrt(fan_in).
@@ -77,6 +81,7 @@ class NeuralMemory(nn.Module):
         chunk_size: int = 16,
         max_lr: float = 0.1,
         per_layer_theta: bool = False,
+        channel_alpha: bool = False,
         residual: bool = True,
         layer_norm: bool = True,
         conv_kernel: int = 4,
@@ -98,6 +103,8 @@ class NeuralMemory(nn.Module):
         self.chunk_size, self.max_lr = chunk_size, max_lr
         self.residual, self.layer_norm, self.compile = residual, layer_norm, compile
         self.n_theta = depth if per_layer_theta else 1
+        self.channel_alpha = channel_alpha
+        self.n_alpha = head_dim if channel_alpha else 1
         self.conv_kernel = max(conv_kernel, 1)
         inner = heads * head_dim
 
@@ -107,13 +114,14 @@ class NeuralMemory(nn.Module):
         with torch.no_grad():
             self.conv.weight.zero_()
             self.conv.weight[:, 0, -1] = 1.0
-        self.rates = nn.Linear(dim, heads * (self.n_theta + 2))  # [theta (n_theta) | eta | alpha] per head
+        n_rates = self.n_theta + 1 + self.n_alpha  # [theta (n_theta) | eta | alpha (n_alpha)] per head
+        self.rates = nn.Linear(dim, heads * n_rates)
         with torch.no_grad():
             self.rates.weight.normal_(0.0, 0.02)
-            bias = self.rates.bias.view(heads, self.n_theta + 2)
+            bias = self.rates.bias.view(heads, n_rates)
             bias[:, : self.n_theta] = theta_bias
-            bias[:, -2] = eta_bias
-            bias[:, -1] = alpha_bias
+            bias[:, self.n_theta] = eta_bias
+            bias[:, self.n_theta + 1 :] = alpha_bias
         dims = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
         self.init_weights = nn.ParameterList(
             nn.Parameter(torch.randn(heads, dims[i], dims[i + 1]) * (init_std / math.sqrt(dims[i])))
@@ -134,7 +142,7 @@ class NeuralMemory(nn.Module):
         weights = tuple(w.to(device, dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights)
         momentum = tuple(torch.zeros(batch_size, *w.shape, device=device, dtype=dtype) for w in self.init_weights)
         empty = lambda *s: torch.zeros(batch_size, H, 0, *s, device=device, dtype=dtype)  # noqa: E731
-        pending = (empty(D), empty(D), empty(self.n_theta), empty(), empty())
+        pending = (empty(D), empty(D), empty(self.n_theta), empty(), empty(D) if self.channel_alpha else empty())
         conv_tail = torch.zeros(batch_size, K - 1, 3 * H * D, device=device, dtype=dtype)
         return MemoryState(weights, momentum, pending, conv_tail, conv_tail[..., : H * D].clone())
 
@@ -174,12 +182,14 @@ class NeuralMemory(nn.Module):
         return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
     def _rates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """theta (B, H, T, n_theta), eta (B, H, T), alpha (B, H, T) or, channel-wise, (B, H, T, D)."""
         B, T, _ = x.shape
         r = self.rates(x)
         r = r.float() if r.dtype in (torch.float16, torch.bfloat16) else r  # rates always in >= fp32
-        r = torch.sigmoid(r).view(B, T, self.heads, self.n_theta + 2).transpose(1, 2)
-        theta = self.max_lr * r[..., : self.n_theta]  # (B, H, T, n_theta)
-        return theta, r[..., -2], r[..., -1]
+        r = torch.sigmoid(r).view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, n_theta + 1 + n_alpha)
+        theta = self.max_lr * r[..., : self.n_theta]
+        alpha = r[..., self.n_theta + 1 :] if self.channel_alpha else r[..., -1]
+        return theta, r[..., self.n_theta], alpha
 
     # ---- forward ---------------------------------------------------------------------------------------------------
 
@@ -269,5 +279,5 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, n_theta={self.n_theta}, "
-            f"residual={self.residual}, layer_norm={self.layer_norm}"
+            f"channel_alpha={self.channel_alpha}, residual={self.residual}, layer_norm={self.layer_norm}"
         )
