@@ -80,6 +80,20 @@ def test_pieces_with_state_equal_one_call(variant):
                 assert a[key].numel() == 0 or (a[key] - b[key]).abs().max() <= TOL, key
 
 
+@pytest.mark.parametrize("variant", ["lmm", "mac"])
+def test_channel_alpha_pieces_and_generation(variant):
+    """`memory.channel_alpha`: pieces with state == one call, and generation == full forward (the (B, H, n, D)
+    pending alphas are carried and replayed)."""
+    model = make(variant, memory=dict(chunk_size=4, channel_alpha=True))
+    toks = tokens()
+    full, _ = model(toks)
+    pieces, _ = run_pieces(model, toks, random_split(T, 0))
+    assert (pieces - full).abs().max() <= TOL
+    out, logits = model.generate(toks[:, :5], max_new_tokens=9, temperature=0.0, return_logits=True)
+    full, _ = model(out[:, :-1])
+    assert (full[:, 4:] - logits).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_generation_logits_equal_full_forward(variant):
     model = make(variant)

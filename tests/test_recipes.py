@@ -53,6 +53,24 @@ def test_tiny_recipes_are_a_few_million_parameters(variant):
     assert logits.shape == (1, 70, cfg.vocab_size)
 
 
+def test_channel_alpha_override_builds():
+    """`model.memory.channel_alpha=true` reaches every NeuralMemory: head_dim alphas per head, counted, and it runs."""
+    base = model_config(load_recipe(RECIPES / "tiny_mag.yaml"))
+    cfg = model_config(load_recipe(RECIPES / "tiny_mag.yaml", ["model.memory.channel_alpha=true"]))
+    assert cfg.memory.channel_alpha and not base.memory.channel_alpha
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    memories = [m for m in model.modules() if type(m).__name__ == "NeuralMemory"]
+    assert memories and all(m.channel_alpha for m in memories)
+    heads, head_dim = cfg.memory_heads(), cfg.dim // cfg.memory_heads()
+    extra = cfg.n_layers * heads * (head_dim - 1) * (cfg.dim + 1)  # rate map: head_dim - 1 more outputs per head
+    assert model.count_params() == build_model(base).count_params() + extra
+    assert model.flops_per_token(64) > build_model(base).flops_per_token(64)
+    logits, state = model(torch.randint(0, cfg.vocab_size, (1, 21)))
+    assert logits.shape == (1, 21, cfg.vocab_size) and torch.isfinite(logits).all()
+    assert describe(str(RECIPES / "tiny_mag.yaml"), ["model.memory.channel_alpha=true"])["memory"]["channel_alpha"]
+
+
 def test_info_json_and_table(capsys):
     assert main(["info", str(RECIPES / "mag_170m.yaml"), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)

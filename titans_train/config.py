@@ -50,6 +50,10 @@ class MemoryConfig:
     """Upper bound of the inner learning rate: theta_t = max_lr * sigmoid(linear(x_t))."""
     per_layer_theta: bool = False
     """One theta per memory-MLP layer (NeurIPS version) instead of one per head and token."""
+    channel_alpha: bool = False
+    """Channel-wise forgetting gate: one alpha per channel of the memory head (head dim of them per head and token)
+    instead of one. Row r of the first memory-MLP layer (key/query feature r) decays with alpha[r], the later layers
+    with the channel mean. Runs the memory op's autograd step (the fused path has no channel-wise form)."""
     residual: bool = True
     """Memory output form M(x) = x + LN(f(x)): the residual part."""
     layer_norm: bool = True

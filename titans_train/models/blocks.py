@@ -37,9 +37,9 @@ def make_memory(cfg: ModelConfig) -> NeuralMemory:
     m = cfg.memory
     return NeuralMemory(
         cfg.dim, cfg.memory_heads(), depth=m.depth, expansion=m.expansion, chunk_size=m.chunk_size,
-        max_lr=m.max_lr, per_layer_theta=m.per_layer_theta, residual=m.residual, layer_norm=m.layer_norm,
-        conv_kernel=m.conv_kernel, init_std=m.init_std, theta_bias=m.theta_bias, eta_bias=m.eta_bias,
-        alpha_bias=m.alpha_bias, compile=m.compile)
+        max_lr=m.max_lr, per_layer_theta=m.per_layer_theta, channel_alpha=m.channel_alpha, residual=m.residual,
+        layer_norm=m.layer_norm, conv_kernel=m.conv_kernel, init_std=m.init_std, theta_bias=m.theta_bias,
+        eta_bias=m.eta_bias, alpha_bias=m.alpha_bias, compile=m.compile)
 
 
 def make_attention(cfg: ModelConfig, window: int | None) -> Attention:

@@ -14,6 +14,8 @@ forward). Forward FLOPs per token, at sequence length T:
                  = 2ab keys through the anchor weights + 2ab error back to the layer input
                  + 4ab queries against W_0 and S_0 + 4ab chunk-end weights and momentum (rank-c updates)
                  + 2c(a+b) the causal c x c "attention" of queries against the chunk's keys and errors
+               with `memory.channel_alpha`, + 2 c (c + 1) D for the first layer (a = D): its per-channel decay
+               coefficients G1, F1 are a (c + 1) x c by c x D matmul per token of the chunk
     MAC extra  per MAC layer and token: the retrieval of h before the segment (query, gate and output
                projections, 3 x 2 dim^2; memory MLP forward 2 sum_l a_l b_l per head) and the key/value
                projection of the memory tokens (4 dim^2 per memory token, mac_memory_tokens per segment_len).
@@ -77,6 +79,8 @@ def memory_update_flops_per_token(cfg: ModelConfig) -> float:
     """Forward FLOPs per token of one memory layer's update + retrieval (the dual form), all heads."""
     c = cfg.memory.chunk_size
     per_head = sum(12 * a * b + 2 * c * (a + b) for a, b in memory_layer_dims(cfg))
+    if cfg.memory.channel_alpha:
+        per_head += 2 * c * (c + 1) * memory_layer_dims(cfg)[0][0]
     return float(cfg.memory_heads() * per_head)
 
 

@@ -45,7 +45,7 @@ def describe(recipe: str, overrides: list[str], seq_len: int | None = None) -> d
     if cfg.variant != "transformer":
         m = cfg.memory
         out["memory"] = {"heads": cfg.memory_heads(), "head_dim": cfg.dim // cfg.memory_heads(), "depth": m.depth,
-                         "expansion": m.expansion, "chunk_size": m.chunk_size}
+                         "expansion": m.expansion, "chunk_size": m.chunk_size, "channel_alpha": m.channel_alpha}
     if cfg.variant in ("mag", "mal") or (cfg.variant == "transformer" and cfg.window is not None):
         out["window"] = cfg.window
     if cfg.variant != "lmm":
