@@ -5,6 +5,7 @@ Compares, in one run and on one device:
   - ours (op_compiled): the same with compile=True (the per-chunk step through torch.compile)
   - ours (op_autograd): the same with impl="autograd" (the per-chunk step under autograd, the pre-Function path)
   - ours (op_fused): the same with impl="fused" (one autograd.Function with a hand-written backward)
+  - ours (op_channel_alpha): the autograd step with channel-wise alpha (B, H, T, D) (the fused path has none)
   - ours (layer):   titans_train.layers.NeuralMemory (projections, conv, rates, output gate around the op)
   - reference:      memory_update_reference (token loop, the specification) at a small T
   - titans-pytorch: titans_pytorch.NeuralMemory with the same heads/dims/chunk (one update per chunk)
@@ -78,7 +79,7 @@ def build_case(name: str, B: int, H: int, T: int, D: int, chunk: int, device: st
     """Returns (step_fn, tokens per step). step_fn runs forward + backward once."""
     torch.manual_seed(0)
     depth, exp = 2, 4
-    if name in ("op", "op_compiled", "op_autograd", "op_fused", "reference"):
+    if name in ("op", "op_compiled", "op_autograd", "op_fused", "op_channel_alpha", "reference"):
         import functools
 
         from titans_train.ops import memory_update, memory_update_reference
@@ -86,12 +87,15 @@ def build_case(name: str, B: int, H: int, T: int, D: int, chunk: int, device: st
         fn = {"op": memory_update, "op_compiled": functools.partial(memory_update, compile=True),
               "op_autograd": functools.partial(memory_update, impl="autograd"),
               "op_fused": functools.partial(memory_update, impl="fused"),
+              "op_channel_alpha": memory_update,
               "reference": memory_update_reference}[name]
         leaf = lambda *s: torch.randn(*s, device=device).requires_grad_()  # noqa: E731
         unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, device=device), dim=-1).requires_grad_()  # noqa: E731
         q, k, v = unit(B, H, T, D), unit(B, H, T, D), leaf(B, H, T, D)
         rate = lambda lo, hi: (lo + (hi - lo) * torch.rand(B, H, T, device=device)).requires_grad_()  # noqa: E731
         theta, eta, alpha = rate(0.0, 0.05), rate(0.5, 1.0), rate(0.0, 0.01)
+        if name == "op_channel_alpha":
+            alpha = (0.01 * torch.rand(B, H, T, D, device=device)).requires_grad_()
         dims = [D, exp * D, D]
         W = tuple((torch.randn(B, H, dims[i], dims[i + 1], device=device) / dims[i] ** 0.5).requires_grad_() for i in range(depth))
         S = tuple(torch.zeros(B, H, dims[i], dims[i + 1], device=device).requires_grad_() for i in range(depth))
@@ -159,7 +163,8 @@ def main() -> int:
     p.add_argument("--reference-T", type=int, default=64, help="T for the (slow) token-loop reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op op_compiled op_autograd op_fused layer reference titans_pytorch")
+    p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op op_compiled op_autograd op_fused "
+                   "op_channel_alpha layer reference titans_pytorch")
     p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for our op and exit")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
     p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
@@ -190,7 +195,8 @@ def main() -> int:
     print("-" * len(hdr))
     for chunk in args.chunks:
         rows = {}
-        for case in ("titans_pytorch", "op", "op_autograd", "op_fused", "op_compiled", "layer", "reference"):
+        for case in ("titans_pytorch", "op", "op_autograd", "op_fused", "op_channel_alpha", "op_compiled", "layer",
+                     "reference"):
             if case in args.skip:
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--chunk", str(chunk), "--device", args.device,
