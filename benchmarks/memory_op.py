@@ -1,7 +1,8 @@
 """Benchmark the neural-memory op: forward+backward tokens/s, peak memory, and matmul efficiency.
 
 Compares, in one run and on one device:
-  - ours (op):      titans_train.ops.memory_update (chunked dual form, exact per token)
+  - ours (op):      titans_train.ops.memory_update (chunked dual form, exact per token; impl="auto", which on CPU
+                    is the compiled C++ kernel, ops/neural_memory/cpu_kernel.cpp)
   - ours (op_compiled): the same with compile=True (the per-chunk step through torch.compile)
   - ours (op_autograd): the same with impl="autograd" (the per-chunk step under autograd, the pre-Function path)
   - ours (op_fused): the same with impl="fused" (one autograd.Function with a hand-written backward)

@@ -61,6 +61,8 @@ NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
 
 def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False, impl="auto",
             channel_alpha=False):
+    if impl == "cpu":
+        _cpu_kernel()
     args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm, channel_alpha=channel_alpha)
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
     fast = run_with_grads(memory_update, args, leaves, compile=compile, impl=impl, **kw)
@@ -78,7 +80,26 @@ def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False
     assert not bad, f"max abs errors above {TOL}: {bad}"
 
 
-IMPLS = ["fused", "autograd"]  # the hand-written-backward Function and the per-chunk autograd step
+def _cpu_kernel():
+    """The compiled CPU kernel (built on first use). Skipped only where there is no C++ compiler; where there is
+    one, a failed build fails the test with the compiler's reason."""
+    import shutil
+
+    from titans_train.ops.neural_memory import cpu
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the CPU kernel cannot be built here (the op falls back to the autograd step)")
+    assert cpu.available(), f"the CPU kernel did not build: {cpu.build_error()}"
+    return cpu
+
+
+# the compiled C++ kernel, the hand-written-backward Python Function and the per-chunk autograd step
+IMPLS = ["cpu", "fused", "autograd"]
+
+
+@pytest.fixture
+def cpu_kernel():
+    return _cpu_kernel()
 FORMS, FORM_IDS = [(True, True), (False, False), (True, False), (False, True)], ["res+ln", "plain", "res", "ln"]
 
 
@@ -153,10 +174,11 @@ def test_equal_channels_equal_scalar_alpha():
 
 
 def test_channel_alpha_impls():
-    """"fused" has no channel-wise form and says so; "auto" and "autograd" run the autograd step."""
+    """"fused" and "cpu" have no channel-wise form and say so; "auto" and "autograd" run the autograd step."""
     args = _good(channel_alpha=True)
-    with pytest.raises(ValueError, match=r"impl='fused' does not support channel-wise alpha"):
-        memory_update(*args, impl="fused")
+    for impl in ("fused", "cpu"):
+        with pytest.raises(ValueError, match=rf"impl='{impl}' does not support channel-wise alpha"):
+            memory_update(*args, impl=impl)
     y_auto, *_ = memory_update(*args, impl="auto")
     y_grad, *_ = memory_update(*args, impl="autograd")
     assert torch.equal(y_auto, y_grad)
@@ -211,6 +233,64 @@ def test_fused_float32_close_to_autograd():
     torch.testing.assert_close(f[0], a[0], rtol=1e-4, atol=1e-5)
     for gf, ga in zip(f[3], a[3]):
         torch.testing.assert_close(gf, ga, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("segment", [1, 3, 100])
+def test_cpu_kernel_checkpoint_segments(segment, cpu_kernel, monkeypatch):
+    """The CPU kernel's backward recomputes anchors from one checkpoint per segment of chunks: any segment length,
+    including one that does not divide the number of chunks or exceeds it, gives the reference's results."""
+    monkeypatch.setattr(cpu_kernel, "SEGMENT", segment)
+    compare(37, 4, 2, True, True, impl="cpu")
+    compare(37, 4, 3, False, True, per_layer_theta=True, impl="cpu")
+
+
+def test_cpu_kernel_partial_gradients_and_no_grad(cpu_kernel):
+    """Only y feeds the loss (no gradient for the final state); under no_grad no checkpoints are kept and the
+    results are the same; a second call reuses nothing stale."""
+    for _ in range(2):
+        args, leaves = make_inputs(37, 2)
+        y_c = memory_update(*args, chunk_size=8, impl="cpu")[0]
+        g_c = torch.autograd.grad(y_c.square().sum(), leaves)
+        y_r = memory_update_reference(*args, chunk_size=8)[0]
+        g_r = torch.autograd.grad(y_r.square().sum(), leaves)
+        assert (y_c - y_r).abs().max() <= TOL
+        for a, b in zip(g_c, g_r):
+            assert (a - b).abs().max() <= TOL
+        with torch.no_grad():
+            y_n, W_n, _ = memory_update(*args, chunk_size=8, impl="cpu")
+        assert torch.equal(y_n, y_c.detach())
+
+
+def test_cpu_kernel_float32_thread_invariant_and_close_to_autograd(cpu_kernel):
+    """Each (batch, head) item runs on one thread, so results do not depend on the thread count (bit for bit),
+    and float32 results agree with the autograd step to float32 round-off."""
+    args, leaves = make_inputs(70, 2, dtype=torch.float32)
+    kw = dict(chunk_size=16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads(memory_update, args, leaves, impl="cpu", **kw)
+        torch.set_num_threads(max(2, threads))
+        many = run_with_grads(memory_update, args, leaves, impl="cpu", **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and all(torch.equal(a, b) for a, b in zip(one[3], many[3]))
+    a = run_with_grads(memory_update, args, leaves, impl="autograd", **kw)
+    torch.testing.assert_close(one[0], a[0], rtol=1e-4, atol=1e-5)
+    for gc, ga in zip(one[3], a[3]):
+        torch.testing.assert_close(gc, ga, rtol=1e-3, atol=1e-4)
+
+
+def test_auto_picks_the_cpu_kernel(cpu_kernel):
+    from titans_train.ops.neural_memory.chunk import choose_impl
+
+    q = torch.zeros(1, 1, 4, 8)
+    assert choose_impl("auto", False, 16, q) == "cpu"
+    assert choose_impl("auto", True, 16, q) == "autograd"  # compile=True compiles the autograd step
+    assert choose_impl("auto", False, 16, q, channel_alpha=True) == "autograd"
+    assert choose_impl("auto", False, 16, q.half()) == "autograd"
+    with pytest.raises(ValueError, match="float32/float64 CPU"):
+        choose_impl("cpu", False, 16, q.half())
 
 
 def test_bad_impl():

@@ -73,17 +73,19 @@ def memory_update(
             memory layer's weights (input channel r, the key/query feature r, like GLA's gate on the key dimension)
             decays with alpha_t[r], W1_t = diag(1 - alpha_t) W1_{t-1} + S1_t, and every later layer with the
             channel mean alpha_t.mean(-1) (equal channels give exactly the (B, H, T) form). Momentum and theta are
-            unchanged. Channel-wise alpha runs the autograd step ("auto" picks it; "fused" raises ValueError).
+            unchanged. Channel-wise alpha runs the autograd step ("auto" picks it; "fused" and "cpu" raise ValueError).
         weights: L tensors, layer i (B, H, in_i, out_i) with in_1 = out_L = D and out_i = in_{i+1}.
         momentum: L tensors shaped like `weights` (S_0; zeros at the start of a stream).
         chunk_size: tokens per memory chunk (one anchor per chunk). T need not be a multiple of it.
         compile: run the per-chunk step through `torch.compile` (fuses its elementwise work; compiled once per
             process and shape, which takes tens of seconds on CPU). Same results up to float rounding.
-        impl: "fused" (one autograd.Function with a hand-written backward: no graph inside the op, anchors
-            recomputed from per-segment checkpoints in the backward, so little memory), "autograd" (the per-chunk
-            step under autograd; the path `compile=True` compiles), or "auto" (the autograd step for now; see
-            `chunk.FUSED_BY_DEFAULT`). All give the same results up to float rounding. The fused path is not
-            twice differentiable.
+        impl: "cpu" (a C++ kernel built on first use, `ops/neural_memory/cpu_kernel.cpp`: each (batch, head)
+            item's chunk loop on one core with direct BLAS calls, a hand-written backward that recomputes anchors
+            from per-segment checkpoints, so little memory; float32/float64 CPU tensors, scalar alpha), "fused"
+            (the same hand-written backward as one Python autograd.Function), "autograd" (the per-chunk step under
+            autograd; the path `compile=True` compiles, and the one used on GPUs and for channel-wise alpha), or
+            "auto" ("cpu" where it applies and builds, unless compile=True; else "autograd"). All give the same
+            results up to float rounding. "cpu" and "fused" are not twice differentiable.
 
     Returns:
         y: (B, H, T, D), retrieval of each token after its own update, in q's dtype.

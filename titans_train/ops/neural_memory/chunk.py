@@ -20,9 +20,10 @@ computed before the chunk loop (a few chunks at a time, recomputed in the backwa
 kept), and the loop's step only swaps layer 1's coefficients. Only `chunk_step` implements it (not the fused
 Function).
 
-Two implementations share the coefficients below: `chunk_step` under autograd (optionally torch.compile'd), and
-`fused.ChunkedMemory`, one autograd.Function with a hand-written backward; `memory_update_chunked(impl=...)`
-picks one (`_use_fused`).
+Three implementations share the coefficients below: `chunk_step` under autograd (optionally torch.compile'd; the
+only one with channel-wise alpha and on GPUs), `cpu.CpuChunkedMemory` (a compiled C++ kernel with a hand-written
+backward: each (batch, head) item's chunk loop on one core, the default on CPU) and `fused.ChunkedMemory` (the same
+hand-written backward in Python, opt-in); `memory_update_chunked(impl=...)` picks one (`choose_impl`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
+from . import cpu as cpu_kernel
+from .cpu import CpuChunkedMemory
 from .fused import ChunkedMemory
 
 LN_EPS = 1e-5
@@ -256,7 +259,17 @@ def memory_update_chunked(
     W = [w.reshape(BH, *w.shape[2:]) for w in weights]  # (BH, in, out)
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
 
-    if _use_fused(impl, compile, b, q.device, channel_alpha=channel):
+    path = choose_impl(impl, compile, b, q, channel_alpha=channel)
+    if path == "cpu":
+        BF = torch.stack([c["Bc"], c["F"]], dim=-2).contiguous()  # (BH, N, 2, b)
+        E3 = torch.stack([end["Bc"], end["P"], end["F"]], dim=-1).contiguous()  # (BH, N, 3)
+        GS = torch.stack([G_end, S_end], dim=-2).contiguous()  # (BH, N, L, 2, b)
+        out, *state = CpuChunkedMemory.apply(residual, layer_norm, qc.contiguous(), kc.contiguous(), vc.contiguous(),
+                                             BF, c["G"].contiguous(), E3, GS, *(w.contiguous() for w in W),
+                                             *(s.contiguous() for s in S))
+        return _finish(out, qc, state[:L], state[L:], B, H, T, D, residual, layer_norm)
+
+    if path == "fused":
         major = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (BH, N, ...) -> (N, BH, ...)
         BF = major(torch.stack([c["Bc"], c["F"]], dim=-2))
         E3 = major(torch.stack([end["Bc"], end["P"], end["F"]], dim=-1))
@@ -308,30 +321,35 @@ def _channel_terms(qc, kc, theta1, deta, P, alpha, last) -> list[tuple[Tensor, .
                     Ke.unbind(1)))
 
 
-# "auto" picks the fused Function (fused.py) on CPU for chunks up to this size, measured on the 2-core CPU VM (see
-# BENCHMARKS.md): faster than the autograd step at chunk 16 (and 32), slower at 64, where the autograd step's
-# larger matmuls amortise its graph and the fused path's recomputation (+1/3 FLOPs) does not pay.
-FUSED_MAX_CHUNK = 32
-# ...but "auto" does not use it yet: with it as the default, tests/test_dist_strategies.py::
-# test_fsdp_checkpoint_is_one_full_file (1 process with gradient accumulation vs FSDP x2, weights equal to 1e-3
-# after 4 Adam steps) fails (embed.weight off by 7e-3), cause not found yet; the op itself matches the reference to
-# 1e-9 in float64 and is thread- and batch-split-invariant in float32. Opt in with impl="fused".
-FUSED_BY_DEFAULT = False
+# The fused Function (fused.py) is opt-in (impl="fused"): on CPU the compiled kernel (cpu.py) is faster at every chunk
+# size measured, and on GPUs the fused path has not been timed.
+IMPLS = ("auto", "cpu", "fused", "autograd")
 
 
-def _use_fused(impl: str, compile: bool, chunk: int, device: torch.device, channel_alpha: bool = False) -> bool:
-    if impl not in ("auto", "fused", "autograd"):
-        raise ValueError(f"impl must be 'auto', 'fused' or 'autograd', got {impl!r}")
-    if channel_alpha:  # the fused Function has scalar decay coefficients only
-        if impl == "fused":
-            raise ValueError("impl='fused' does not support channel-wise alpha (alpha of shape (B, H, T, D)); "
-                             "use impl='autograd' or 'auto'")
-        return False
+def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: bool = False) -> str:
+    """Which implementation runs: "cpu" (the compiled CPU kernel, cpu.py), "fused" (fused.py) or "autograd" (the
+    per-chunk step under autograd, compiled when compile=True).
+
+    "auto" takes the CPU kernel for float32/float64 CPU tensors with scalar (per-head) alpha when it builds on this
+    machine and compile=False, else the autograd step. An explicit choice that cannot run raises a ValueError (or a
+    RuntimeError saying why the CPU kernel did not build)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if channel_alpha and impl in ("fused", "cpu"):  # both have scalar decay coefficients only
+        raise ValueError(f"impl={impl!r} does not support channel-wise alpha (alpha of shape (B, H, T, D)); "
+                         "use impl='autograd' or 'auto'")
+    kernel_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+    if impl == "cpu":
+        if not kernel_ok:
+            raise ValueError(f"impl='cpu' needs float32/float64 CPU tensors, got {q.dtype} on {q.device}")
+        if not cpu_kernel.available():
+            raise RuntimeError(f"impl='cpu': the CPU kernel did not build ({cpu_kernel.build_error()})")
+        return "cpu"
     if impl == "auto":
-        # compile=True compiles the autograd step (the fused path has no compiled form; compiled is faster).
-        # CPU only: the fused path has not been timed on GPUs.
-        return FUSED_BY_DEFAULT and device.type == "cpu" and not compile and chunk <= FUSED_MAX_CHUNK
-    return impl == "fused"
+        if kernel_ok and not channel_alpha and not compile and cpu_kernel.available():
+            return "cpu"
+        return "autograd"
+    return impl
 
 
 def _finish(out, qc, W, S, B, H, T, D, residual, layer_norm):

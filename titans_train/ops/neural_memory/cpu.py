@@ -1,0 +1,137 @@
+"""The chunked dual form as a compiled CPU kernel (`cpu_kernel.cpp`), wrapped in an autograd.Function.
+
+Why C++: at chunk 16 every matmul of the op is tiny (16 x 64 x 256), so the Python paths spend their time in
+per-op dispatch and in reading and writing the (batch, head)-batched state between small kernels. The kernel runs
+each (batch, head) item's whole chunk sequence on one thread, its state in that core's cache, with one direct
+BLAS call per matmul. Same math, inputs and outputs as `fused.ChunkedMemory` (whose docstring derives the
+backward), but (batch, head)-major.
+
+The kernel is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; about
+30 s, cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR). `available()` says whether it can be used;
+when the build fails the op falls back to the Python paths and `build_error()` says why.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+_LOCK = threading.Lock()
+_MODULE = None
+_ERROR: str | None = None
+
+# Chunks per checkpoint segment of the backward (anchors recomputed from one stored state per segment).
+SEGMENT = 8
+
+
+def _load():
+    global _MODULE, _ERROR
+    if _MODULE is not None or _ERROR is not None:
+        return _MODULE
+    with _LOCK:
+        if _MODULE is not None or _ERROR is not None:
+            return _MODULE
+        if os.environ.get("TITANS_CPU_KERNEL", "1") in ("0", "false", "False"):
+            _ERROR = "disabled by TITANS_CPU_KERNEL=0"
+            return None
+        try:
+            from torch.utils.cpp_extension import _get_build_directory, load
+
+            # -march=native: the build is per machine; the name carries the CPU so that a shared cache directory
+            # (e.g. a home directory on a cluster of mixed nodes) never hands one machine another's binary.
+            tag = "".join(ch for ch in (platform.processor() or platform.machine()) if ch.isalnum())[:24]
+            name = f"titans_memory_cpu_{tag}"
+            if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+                print(f"titans-train: compiling the memory op's CPU kernel (first use on this machine, ~30 s; "
+                      f"cached after)", file=sys.stderr, flush=True)
+            _MODULE = load(
+                name=name,
+                sources=[str(_SOURCE)],
+                # -fopenmp: at::parallel_for is a header template; without it the loop over (batch, head) items
+                # runs on one thread (and MKL threads every tiny matmul instead, slower still).
+                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as e:  # no compiler, no ninja, unsupported platform: the Python paths still work
+            _ERROR = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            warnings.warn(f"titans-train: the memory op's CPU kernel did not build ({_ERROR}); using the slower "
+                          "PyTorch path (same results). Set TITANS_CPU_KERNEL=0 to skip the attempt.", stacklevel=2)
+    return _MODULE
+
+
+def available() -> bool:
+    """True when the CPU kernel is built (building it now if needed) and usable."""
+    return _load() is not None
+
+
+def build_error() -> str | None:
+    """Why the kernel is unavailable (None when it is available or not tried yet)."""
+    return _ERROR
+
+
+class CpuChunkedMemory(torch.autograd.Function):
+    """Inputs ((batch * heads)-major, N chunks of b tokens): q, k, v (BH, N, b, D); BF (BH, N, 2, b) rows
+    [Bc_i; F_i]; G (BH, N, L, b, b); E3 (BH, N, 3) chunk-end [Bc_e, P_e, F_e]; GS (BH, N, L, 2, b) chunk-end rows
+    [G[b-1, j]; Deta[b-1, j] theta_j]; state W_1..W_L, S_1..S_L (BH, in, out). Returns the queries' last-layer
+    pre-norm outputs (BH, N, b, D) and the final W_1..W_L, S_1..S_L. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, residual: bool, layer_norm: bool, q, k, v, BF, G, E3, GS, *state):
+        mod = _load()
+        L = len(state) // 2
+        dims = [q.shape[-1]] + [w.shape[-1] for w in state[:L]]
+        flat = _pack(state[:L], state[L:])
+        save = any(ctx.needs_input_grad)
+        out, final, ckpt = mod.forward(q, k, v, BF, G, E3, GS, flat, dims, SEGMENT, residual, layer_norm, save)
+        ctx.residual, ctx.layer_norm, ctx.dims = residual, layer_norm, dims
+        ctx.save_for_backward(q, k, v, BF, G, E3, GS, ckpt)
+        W, S = _unpack(final, dims)
+        return (out, *W, *S)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, *dfinal):
+        q, k, v, BF, G, E3, GS, ckpt = ctx.saved_tensors
+        dims = ctx.dims
+        L = len(dims) - 1
+        BH = q.shape[0]
+        if dout is None:
+            dout = torch.zeros_like(q)
+        shapes = [(BH, dims[l], dims[l + 1]) for l in range(L)]
+        dW = [d if d is not None else q.new_zeros(s) for d, s in zip(dfinal[:L], shapes)]
+        dS = [d if d is not None else q.new_zeros(s) for d, s in zip(dfinal[L:], shapes)]
+        dq, dk, dv, dBF, dG, dE3, dGS, dstate = mod_backward(
+            q, k, v, BF, G, E3, GS, ckpt, dout.contiguous(), _pack(dW, dS), dims, ctx.residual, ctx.layer_norm
+        )
+        dW0, dS0 = _unpack(dstate, dims)
+        return (None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
+
+
+def mod_backward(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, residual, layer_norm):
+    return _load().backward(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, SEGMENT, residual, layer_norm)
+
+
+def _pack(W, S) -> Tensor:
+    """W_1..W_L, S_1..S_L (BH, in, out) -> one (BH, sum_l 2 in out) state, per layer [W_l; S_l]."""
+    BH = W[0].shape[0]
+    return torch.cat([torch.cat([w.reshape(BH, -1), s.reshape(BH, -1)], dim=1) for w, s in zip(W, S)], dim=1)
+
+
+def _unpack(flat: Tensor, dims) -> tuple[list[Tensor], list[Tensor]]:
+    BH = flat.shape[0]
+    W, S, o = [], [], 0
+    for i, j in zip(dims[:-1], dims[1:]):
+        W.append(flat[:, o : o + i * j].reshape(BH, i, j))
+        S.append(flat[:, o + i * j : o + 2 * i * j].reshape(BH, i, j))
+        o += 2 * i * j
+    return W, S
