@@ -70,7 +70,10 @@ def test_memory_recalls_beyond_the_window_and_attention_does_not():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on 2 shared cores
     try:
-        acc = {v: train_recall(v, steps) for v, steps in (("lmm", 250), ("mag", 200), ("transformer", 250))}
+        # LMM learns the task later than MAG and when depends on float rounding: at 250 steps seeds 0/1/2 gave
+        # 0.85/0.56/0.99 with the op's autograd path and 0.33/0.77/0.96 with its CPU kernel (both exact to 1e-9 in
+        # float64); at 400 steps the kernel gave 0.58/0.99/0.98 (seeds 0/1/3).
+        acc = {v: train_recall(v, steps) for v, steps in (("lmm", 400), ("mag", 200), ("transformer", 250))}
     finally:
         torch.set_num_threads(threads)
     print(f"recall accuracy (chance {CHANCE:.3f}): {acc}")
