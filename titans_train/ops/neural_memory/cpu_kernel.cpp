@@ -222,7 +222,7 @@ template <typename T>
 struct Segment {
   int K, b;
   Buf<T> st;  // (K + 1) states
-  std::vector<Buf<T>> acts, zs, es, deltas, hs, zq, hW, hS, hA;  // [l] -> K blocks
+  std::vector<Buf<T>> acts, zs, es, deltas, hs, zq, hA;  // [l] -> K blocks
   Buf<T> ys, g0s, rstds;
   std::vector<int64_t> sz_in, sz_out;
   int64_t state_size;
@@ -230,7 +230,7 @@ struct Segment {
   Segment(const Problem<T>& p, int K_) : K(K_), b(p.b), state_size(p.state_size) {
     st.resize((K + 1) * p.state_size);
     int L = p.L;
-    for (auto* v : {&acts, &zs, &es, &deltas, &hs, &zq, &hW, &hS, &hA}) v->resize(L);
+    for (auto* v : {&acts, &zs, &es, &deltas, &hs, &zq, &hA}) v->resize(L);
     for (int l = 0; l < L; l++) {
       sz_in.push_back((int64_t)b * p.din[l]);
       sz_out.push_back((int64_t)b * p.dout[l]);
@@ -240,8 +240,6 @@ struct Segment {
       es[l].resize(K * sz_out[l]);
       deltas[l].resize(K * sz_out[l]);
       zq[l].resize(K * sz_out[l]);
-      hW[l].resize(K * sz_out[l]);
-      hS[l].resize(K * sz_out[l]);
       hA[l].resize(K * b * b);
     }
     ys.resize(K * b * p.D);
@@ -255,8 +253,6 @@ struct Segment {
   T* e(int j, int l) { return es[l].data() + j * sz_out[l]; }
   T* delta(int j, int l) { return deltas[l].data() + j * sz_out[l]; }
   T* zqs(int j, int l) { return zq[l].data() + j * sz_out[l]; }
-  T* hw(int j, int l) { return hW[l].data() + j * sz_out[l]; }
-  T* hs_(int j, int l) { return hS[l].data() + j * sz_out[l]; }
   T* ha(int j, int l) { return hA[l].data() + j * b * b; }
 };
 
@@ -317,14 +313,19 @@ void chunk_forward(const Problem<T>& p, Segment<T>& s, int n, int j, const T* st
     const T* W = st + p.off[l];
     const T* S = W + (int64_t)di * dl;
     const T* Gl = p.G + (((int64_t)n * L + l) * b) * b;
-    T *h = s.h(j, l), *hW = s.hw(j, l), *hS = s.hs_(j, l), *hA = s.ha(j, l), *z = s.zqs(j, l);
-    mm<T>(false, false, b, dl, di, T(1), h, W, T(0), hW);
-    mm<T>(false, false, b, dl, di, T(1), h, S, T(0), hS);
+    (void)S;
+    T *h = s.h(j, l), *hA = s.ha(j, l), *z = s.zqs(j, l);
+    // [Bc * X | F * X] (b x 2 in) @ [W; S] (2 in x out): both read-outs in one matmul (the state stacks W over S)
+    T* hh = tmp.data() + b * b;
+    for (int i = 0; i < b; i++)
+      for (int c = 0; c < di; c++) {
+        hh[i * 2 * di + c] = Bc[i] * h[i * di + c];
+        hh[i * 2 * di + di + c] = Fr[i] * h[i * di + c];
+      }
+    mm<T>(false, false, b, dl, 2 * di, T(1), hh, W, T(0), z);
     mm<T>(false, true, b, b, di, T(1), h, s.act(j, l), T(0), hA);
     T* sc = tmp.data();
     for (int t = 0; t < b * b; t++) sc[t] = hA[t] * Gl[t];
-    for (int i = 0; i < b; i++)
-      for (int c = 0; c < dl; c++) z[i * dl + c] = Bc[i] * hW[i * dl + c] + Fr[i] * hS[i * dl + c];
     mm<T>(false, false, b, dl, b, T(-1), sc, s.delta(j, l), T(1), z);
     if (l < L - 1)
       gelu<T>(z, s.h(j, l + 1), b * dl);
@@ -407,7 +408,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   // One state per segment of K chunks for the backward to recompute from (none when no backward will run:
   // at a million tokens they would be gigabytes).
   at::Tensor ckpt = at::empty({save ? BH : 0, n_seg, proto.state_size}, state.options());
-  const int64_t tmp_size = (int64_t)proto.b * std::max<int64_t>(max_dim(dims), proto.b);
+  const int64_t tmp_size = (int64_t)proto.b * (proto.b + 2 * std::max<int64_t>(max_dim(dims), proto.b));
   at::parallel_for(0, BH, 1, [&](int64_t lo, int64_t hi) {
     Problem<T> p = proto;
     Segment<T> s(p, 1);  // the forward keeps nothing per chunk: ping-pong between its two states
@@ -448,14 +449,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   at::parallel_for(0, BH, 1, [&](int64_t lo, int64_t hi) {
     Problem<T> p = proto;
     Segment<T> s(p, K);
-    Buf<T> tmp(b * md), carry(p.state_size), spare(p.state_size);
-    Buf<T> dz(b * md), dh(b * md), dsc(b * b), scG(b * b), RW(b * md), RS(b * md), M(b * md);
+    Buf<T> tmp(b * (b + 2 * md)), carry(p.state_size), spare(p.state_size);
+    Buf<T> dz(b * md), dh(b * md), dsc(b * b), scG(b * b), RW(2 * b * md), RS(b * md), M(b * md);
     std::vector<Buf<T>> X0(L), X1(L), ddq(L), daq(L), dd(L), da(L), de(L), dzx(L);
     for (int l = 0; l < L; l++) {
       for (auto* x : {&X0[l], &X1[l], &ddq[l], &dd[l], &de[l], &dzx[l]}) x->resize(b * p.dout[l]);
       for (auto* x : {&daq[l], &da[l]}) x->resize(b * p.din[l]);
     }
-    Buf<T> dzl(b * md), dzl2(b * md), LH(3 * b * md), RH(3 * b * md);
+    Buf<T> dzl(b * md), dzl2(b * md), LH(3 * b * md), RH(3 * b * md), UU(2 * b * md);
     for (int64_t bh = lo; bh < hi; bh++) {
       set_item(p, bh, q, k, v, BF, G, E3, GS);
       const T* ck = ckpt.data_ptr<T>() + bh * n_seg * p.state_size;
@@ -489,17 +490,23 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             const T* W = st + p.off[l];
             const T* S = W + (int64_t)di * dl;
             const T* Gl = p.G + (((int64_t)n * L + l) * b) * b;
-            const T *hA = s.ha(j, l), *hW = s.hw(j, l), *hS = s.hs_(j, l), *dlt = s.delta(j, l);
-            for (int i = 0; i < b; i++) {
+            (void)S;
+            const T *hA = s.ha(j, l), *dlt = s.delta(j, l), *h = s.h(j, l);
+            for (int i = 0; i < b; i++)
               for (int c = 0; c < dl; c++) {
                 X0[l][i * dl + c] = Bc[i] * dz[i * dl + c];
                 X1[l][i * dl + c] = Fr[i] * dz[i * dl + c];
               }
-              dBFn[i] += dot(dz.data() + i * dl, hW + i * dl, dl);
-              dBFn[b + i] += dot(dz.data() + i * dl, hS + i * dl, dl);
+            // U = dz [W; S]^T = [dz W^T | dz S^T] (b x 2 in): dh = Bc U_W + F U_S, dBc_i = h_i . U_W_i, dF_i = h_i . U_S_i
+            T* U = UU.data();
+            mm<T>(false, true, b, 2 * di, dl, T(1), dz.data(), W, T(0), U);
+            for (int i = 0; i < b; i++) {
+              const T* uw = U + i * 2 * di;
+              const T* us = uw + di;
+              dBFn[i] += dot(h + i * di, uw, di);
+              dBFn[b + i] += dot(h + i * di, us, di);
+              for (int c = 0; c < di; c++) dh[i * di + c] = Bc[i] * uw[c] + Fr[i] * us[c];
             }
-            mm<T>(false, true, b, di, dl, T(1), X0[l].data(), W, T(0), dh.data());
-            mm<T>(false, true, b, di, dl, T(1), X1[l].data(), S, T(1), dh.data());
             mm<T>(false, true, b, b, dl, T(-1), dz.data(), dlt, T(0), dsc.data());
             for (int t = 0; t < b * b; t++) scG[t] = hA[t] * Gl[t];
             mm<T>(true, false, b, dl, b, T(-1), scG.data(), dz.data(), T(0), ddq[l].data());
@@ -528,21 +535,26 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             const T* dlt = s.delta(j, l);
             const T* GSl = p.GS + (((int64_t)n * L + l) * 2) * b;
             T* dGSl = dGSp + (((int64_t)n * L + l) * 2) * b;
-            mm<T>(false, false, b, dl, di, T(1), a, CW, T(0), RW.data());
-            mm<T>(false, false, b, dl, di, T(1), a, CS, T(0), RS.data());
-            std::memcpy(da[l].data(), daq[l].data(), sizeof(T) * b * di);
-            for (int i = 0; i < b; i++) {
-              dGSl[i] = -dot(RW.data() + i * dl, dlt + i * dl, dl);
-              dGSl[b + i] = -dot(RS.data() + i * dl, dlt + i * dl, dl);
-              for (int c = 0; c < dl; c++) {
-                const int t = i * dl + c;
-                dd[l][t] = ddq[l][t] - GSl[i] * RW[t] - GSl[b + i] * RS[t];
-                M[t] = dlt[t] * GSl[i];
-                tmp[t] = dlt[t] * GSl[b + i];
+            (void)CS;
+            // ddelta = ddelta_q - G_end a dW' - S_end a dS' = ddelta_q - [G_end * a | S_end * a] [dW'; dS']
+            T* aa = UU.data();
+            for (int i = 0; i < b; i++)
+              for (int c = 0; c < di; c++) {
+                aa[i * 2 * di + c] = GSl[i] * a[i * di + c];
+                aa[i * 2 * di + di + c] = GSl[b + i] * a[i * di + c];
               }
+            std::memcpy(dd[l].data(), ddq[l].data(), sizeof(T) * b * dl);
+            mm<T>(false, false, b, dl, 2 * di, T(-1), aa, CW, T(1), dd[l].data());
+            // P = delta [dW'; dS']^T (b x 2 in): da = da_q - G_end P_W - S_end P_S, dG_end_j = -a_j . P_W_j, ...
+            T* P = RW.data();
+            mm<T>(false, true, b, 2 * di, dl, T(1), dlt, CW, T(0), P);
+            for (int i = 0; i < b; i++) {
+              const T* pw = P + i * 2 * di;
+              const T* ps = pw + di;
+              dGSl[i] = -dot(a + i * di, pw, di);
+              dGSl[b + i] = -dot(a + i * di, ps, di);
+              for (int c = 0; c < di; c++) da[l][i * di + c] = daq[l][i * di + c] - GSl[i] * pw[c] - GSl[b + i] * ps[c];
             }
-            mm<T>(false, true, b, di, dl, T(-1), M.data(), CW, T(1), da[l].data());
-            mm<T>(false, true, b, di, dl, T(-1), tmp.data(), CS, T(1), da[l].data());
           }
 
           // ---- key side: the delta chain backward (delta_l = (delta_{l+1} W_{l+1}^T) * GELU'(z_l)) -------------
