@@ -292,7 +292,8 @@ def deepspeed_config(recipe, *, precision: str = "bf16-mixed") -> dict:
         "allgather_bucket_size": 200_000_000,
     }
     if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold whole weights for export
+        # model-states files also hold whole 16-bit weights (export consolidates the fp32 shards itself)
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     cfg: dict[str, Any] = {
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
