@@ -2,17 +2,24 @@
 # One lease of a GPU machine, in priority order: the `gpu` tests, the memory-op benchmark (eager and compiled),
 # the attention/model GPU check, then bf16 training (tiny recipe with resume, and mag_170m for MFU).
 # Needs wheels in .whl/ for what the machine's image lacks (titans-pytorch and its dependencies, omegaconf,
-# webdataset, braceexpand); see BENCHMARKS.md. Logs go under $OUT.
+# webdataset, braceexpand; for the Lightning DeepSpeed test deepspeed and hjson, py-cpuinfo, msgpack, ninja, einops:
+#   DS_BUILD_OPS=0 .venv/bin/pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl
+#   .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       --platform any hjson py-cpuinfo msgpack ninja einops -d .whl
+# ); carry .whl with the run. See BENCHMARKS.md. Logs go under $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled PATH=/tmp/site/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 TT() { python3 -c 'import sys; from titans_train.cli import main; sys.exit(main())' "$@"; }
 
 echo "== gpu tests"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ops_memory.py tests/test_layers_attention.py 2>&1 | tail -4
+
+echo "== Lightning DeepSpeed ZeRO-2 (gpu test: fit, resume from the DeepSpeed checkpoint, export)"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_dist_strategies.py 2>&1 | tail -6
 
 echo "== memory op benchmark"
 timeout 200 python3 benchmarks/memory_op.py --device cuda --repeats 10 --skip layer reference 2>&1 | tee "$OUT/gpu_memory_op.txt"
