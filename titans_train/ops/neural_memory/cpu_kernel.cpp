@@ -310,10 +310,8 @@ void chunk_forward(const Problem<T>& p, Segment<T>& s, int n, int j, const T* st
   const T* Fr = Bc + b;
   for (int l = 0; l < L; l++) {
     const int di = p.din[l], dl = p.dout[l];
-    const T* W = st + p.off[l];
-    const T* S = W + (int64_t)di * dl;
+    const T* WS = st + p.off[l];  // [W; S] (2 in x out)
     const T* Gl = p.G + (((int64_t)n * L + l) * b) * b;
-    (void)S;
     T *h = s.h(j, l), *hA = s.ha(j, l), *z = s.zqs(j, l);
     // [Bc * X | F * X] (b x 2 in) @ [W; S] (2 in x out): both read-outs in one matmul (the state stacks W over S)
     T* hh = tmp.data() + b * b;
@@ -322,7 +320,7 @@ void chunk_forward(const Problem<T>& p, Segment<T>& s, int n, int j, const T* st
         hh[i * 2 * di + c] = Bc[i] * h[i * di + c];
         hh[i * 2 * di + di + c] = Fr[i] * h[i * di + c];
       }
-    mm<T>(false, false, b, dl, 2 * di, T(1), hh, W, T(0), z);
+    mm<T>(false, false, b, dl, 2 * di, T(1), hh, WS, T(0), z);
     mm<T>(false, true, b, b, di, T(1), h, s.act(j, l), T(0), hA);
     T* sc = tmp.data();
     for (int t = 0; t < b * b; t++) sc[t] = hA[t] * Gl[t];
@@ -487,10 +485,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           std::memcpy(dz.data(), dO + (int64_t)n * b * D, sizeof(T) * b * D);
           for (int l = L - 1; l >= 0; l--) {
             const int di = p.din[l], dl = p.dout[l];
-            const T* W = st + p.off[l];
-            const T* S = W + (int64_t)di * dl;
+            const T* WS = st + p.off[l];  // [W; S] (2 in x out)
             const T* Gl = p.G + (((int64_t)n * L + l) * b) * b;
-            (void)S;
             const T *hA = s.ha(j, l), *dlt = s.delta(j, l), *h = s.h(j, l);
             for (int i = 0; i < b; i++)
               for (int c = 0; c < dl; c++) {
@@ -499,7 +495,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
               }
             // U = dz [W; S]^T = [dz W^T | dz S^T] (b x 2 in): dh = Bc U_W + F U_S, dBc_i = h_i . U_W_i, dF_i = h_i . U_S_i
             T* U = UU.data();
-            mm<T>(false, true, b, 2 * di, dl, T(1), dz.data(), W, T(0), U);
+            mm<T>(false, true, b, 2 * di, dl, T(1), dz.data(), WS, T(0), U);
             for (int i = 0; i < b; i++) {
               const T* uw = U + i * 2 * di;
               const T* us = uw + di;
@@ -528,14 +524,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           T eWW = 0, eSS = 0, eSW = 0;
           for (int l = 0; l < L; l++) {
             const int di = p.din[l], dl = p.dout[l];
-            const int64_t io = (int64_t)di * dl;
-            const T* CW = carry.data() + p.off[l];
-            const T* CS = CW + io;
+            const T* C = carry.data() + p.off[l];  // [dW'; dS'] (2 in x out)
             const T* a = s.act(j, l);
             const T* dlt = s.delta(j, l);
             const T* GSl = p.GS + (((int64_t)n * L + l) * 2) * b;
             T* dGSl = dGSp + (((int64_t)n * L + l) * 2) * b;
-            (void)CS;
             // ddelta = ddelta_q - G_end a dW' - S_end a dS' = ddelta_q - [G_end * a | S_end * a] [dW'; dS']
             T* aa = UU.data();
             for (int i = 0; i < b; i++)
@@ -544,10 +537,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                 aa[i * 2 * di + di + c] = GSl[b + i] * a[i * di + c];
               }
             std::memcpy(dd[l].data(), ddq[l].data(), sizeof(T) * b * dl);
-            mm<T>(false, false, b, dl, 2 * di, T(-1), aa, CW, T(1), dd[l].data());
+            mm<T>(false, false, b, dl, 2 * di, T(-1), aa, C, T(1), dd[l].data());
             // P = delta [dW'; dS']^T (b x 2 in): da = da_q - G_end P_W - S_end P_S, dG_end_j = -a_j . P_W_j, ...
             T* P = RW.data();
-            mm<T>(false, true, b, 2 * di, dl, T(1), dlt, CW, T(0), P);
+            mm<T>(false, true, b, 2 * di, dl, T(1), dlt, C, T(0), P);
             for (int i = 0; i < b; i++) {
               const T* pw = P + i * 2 * di;
               const T* ps = pw + di;
