@@ -273,7 +273,11 @@ def test_fsdp_sharded_checkpoint_resumes_on_two_and_on_one(runs, resumed):
         assert w.keys() == ref_w.keys()
         diff = max(float((w[k] - ref_w[k]).abs().max()) for k in ref_w)
         print(f"resumed on {name}: max |weight - uninterrupted| after 2 more steps = {diff:.3g}")
-        assert diff == 0 if name == "two" else diff < 1e-5, diff  # on 1 process: gradients summed in another order
+        # On 1 process the two windows' gradients are summed in another order than all-reduce sums them: step 3 is
+        # equal, its update differs in the last bits, and step 4's gradients then differ by ~1e-5 relative (grad
+        # norm 3.97170 vs 3.97173 with the CPU kernel); measured max weight differences 1.2e-7 (autograd step) and
+        # 1.4e-5 (CPU kernel) against lr 3e-3.
+        assert diff == 0 if name == "two" else diff < 1e-4, diff
 
 
 def test_rotation_deletes_old_checkpoint_dirs(resumed):
