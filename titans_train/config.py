@@ -69,8 +69,9 @@ class MemoryConfig:
     alpha_bias: float = -6.0
     """Initial bias of the forgetting gate alpha = sigmoid(linear(x)) (-6.0: alpha ~ 0.0025, ~400-token memory)."""
     compile: bool = False
-    """Run the memory op's per-chunk step through torch.compile: ~1.7x faster on CPU, fewer kernels on GPU; compiles
-    once per process and shape (tens of seconds). Same results up to float rounding."""
+    """Run the memory op's per-chunk autograd step through torch.compile (fewer kernels on GPU; compiles once per
+    process and shape, tens of seconds). On CPU leave it off: the default there is the op's C++ kernel, 2.2x faster
+    than the compiled step at chunk 16 (BENCHMARKS.md). Same results up to float rounding."""
 
     def __post_init__(self):
         for key in ("depth", "expansion", "chunk_size", "conv_kernel"):
