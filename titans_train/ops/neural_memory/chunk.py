@@ -260,10 +260,11 @@ def memory_update_chunked(
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
 
     path = choose_impl(impl, compile, b, q, channel_alpha=channel)
+    if path in ("cpu", "fused"):  # the hand-written backwards take the coefficients stacked
+        BF = torch.stack([c["Bc"], c["F"]], dim=-2)  # (BH, N, 2, b)
+        E3 = torch.stack([end["Bc"], end["P"], end["F"]], dim=-1)  # (BH, N, 3)
+        GS = torch.stack([G_end, S_end], dim=-2)  # (BH, N, L, 2, b)
     if path == "cpu":
-        BF = torch.stack([c["Bc"], c["F"]], dim=-2).contiguous()  # (BH, N, 2, b)
-        E3 = torch.stack([end["Bc"], end["P"], end["F"]], dim=-1).contiguous()  # (BH, N, 3)
-        GS = torch.stack([G_end, S_end], dim=-2).contiguous()  # (BH, N, L, 2, b)
         out, *state = CpuChunkedMemory.apply(residual, layer_norm, qc.contiguous(), kc.contiguous(), vc.contiguous(),
                                              BF, c["G"].contiguous(), E3, GS, *(w.contiguous() for w in W),
                                              *(s.contiguous() for s in S))
@@ -271,9 +272,7 @@ def memory_update_chunked(
 
     if path == "fused":
         major = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (BH, N, ...) -> (N, BH, ...)
-        BF = major(torch.stack([c["Bc"], c["F"]], dim=-2))
-        E3 = major(torch.stack([end["Bc"], end["P"], end["F"]], dim=-1))
-        GS = major(torch.stack([G_end, S_end], dim=-2))
+        BF, E3, GS = major(BF), major(E3), major(GS)
         out, *state = ChunkedMemory.apply(residual, layer_norm, major(qc), major(kc), major(vc), BF, major(c["G"]),
                                           E3, GS, *(w.contiguous() for w in W), *(s.contiguous() for s in S))
         out = out.transpose(0, 1)  # (BH, N, b, D)

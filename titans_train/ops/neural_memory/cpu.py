@@ -93,7 +93,7 @@ class CpuChunkedMemory(torch.autograd.Function):
         flat = _pack(state[:L], state[L:])
         save = any(ctx.needs_input_grad)
         out, final, ckpt = mod.forward(q, k, v, BF, G, E3, GS, flat, dims, SEGMENT, residual, layer_norm, save)
-        ctx.residual, ctx.layer_norm, ctx.dims = residual, layer_norm, dims
+        ctx.residual, ctx.layer_norm, ctx.dims, ctx.segment = residual, layer_norm, dims, SEGMENT  # ckpt layout
         ctx.save_for_backward(q, k, v, BF, G, E3, GS, ckpt)
         W, S = _unpack(final, dims)
         return (out, *W, *S)
@@ -110,15 +110,12 @@ class CpuChunkedMemory(torch.autograd.Function):
         shapes = [(BH, dims[l], dims[l + 1]) for l in range(L)]
         dW = [d if d is not None else q.new_zeros(s) for d, s in zip(dfinal[:L], shapes)]
         dS = [d if d is not None else q.new_zeros(s) for d, s in zip(dfinal[L:], shapes)]
-        dq, dk, dv, dBF, dG, dE3, dGS, dstate = mod_backward(
-            q, k, v, BF, G, E3, GS, ckpt, dout.contiguous(), _pack(dW, dS), dims, ctx.residual, ctx.layer_norm
+        dq, dk, dv, dBF, dG, dE3, dGS, dstate = _load().backward(
+            q, k, v, BF, G, E3, GS, ckpt, dout.contiguous(), _pack(dW, dS), dims, ctx.segment, ctx.residual,
+            ctx.layer_norm,
         )
         dW0, dS0 = _unpack(dstate, dims)
         return (None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
-
-
-def mod_backward(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, residual, layer_norm):
-    return _load().backward(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, SEGMENT, residual, layer_norm)
 
 
 def _pack(W, S) -> Tensor:

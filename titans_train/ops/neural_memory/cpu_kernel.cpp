@@ -448,7 +448,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     Problem<T> p = proto;
     Segment<T> s(p, K);
     Buf<T> tmp(b * (b + 2 * md)), carry(p.state_size), spare(p.state_size);
-    Buf<T> dz(b * md), dh(b * md), dsc(b * b), scG(b * b), RW(2 * b * md), RS(b * md), M(b * md);
+    Buf<T> dz(b * md), dh(b * md), dsc(b * b), scG(b * b), RW(2 * b * md), M(b * md);
     std::vector<Buf<T>> X0(L), X1(L), ddq(L), daq(L), dd(L), da(L), de(L), dzx(L);
     for (int l = 0; l < L; l++) {
       for (auto* x : {&X0[l], &X1[l], &ddq[l], &dd[l], &de[l], &dzx[l]}) x->resize(b * p.dout[l]);
