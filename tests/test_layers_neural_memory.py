@@ -84,10 +84,15 @@ def test_layer_matches_reference_op(channel_alpha):
     qkv, _ = layer._causal_conv(layer.qkv(x), layer.init_state(2).conv_tail, slice(None))
     q, k, v = (layer._heads(t) for t in F.silu(qkv).split(24, dim=-1))
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    v = v / v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # value_norm: unit RMS per head
     theta, eta, alpha = layer._rates(x)
     assert alpha.shape == ((2, 3, 21, 8) if channel_alpha else (2, 3, 21))
+    # inner_step="normalized": layer l's theta over its input's expected squared norm (1, then 4 D E[gelu^2])
+    D = layer.head_dim
+    raw = layer.max_lr * torch.sigmoid(layer.rates(x)).view(2, 21, 3, -1).transpose(1, 2)[..., :1]
+    assert torch.allclose(theta, raw * torch.tensor([1.0, 1 / (4 * D * 0.4252)], dtype=x.dtype))
     s0 = layer.init_state(2)
-    y_ref, _, _ = memory_update_reference(q, k, v, theta[..., 0], eta, alpha, s0.weights, s0.momentum, chunk_size=8)
+    y_ref, _, _ = memory_update_reference(q, k, v, theta, eta, alpha, s0.weights, s0.momentum, chunk_size=8)
     assert (layer._output(y_ref, x) - out).abs().max() <= TOL
 
 

@@ -62,6 +62,18 @@ class MemoryConfig:
     """Causal depthwise conv on q, k, v before SiLU (paper 4); 1 switches it off. Initialised to the identity."""
     init_std: float = 1.0
     """Memory init: the learned initial fast weights W_0 are normal with std init_std / sqrt(fan_in)."""
+    init_scale: str = "input_norm"
+    """How W_0's std is set: `input_norm` (pre-activations of std init_std given the L2-normalised keys, so f(k)
+    starts at unit scale and the LayerNorm's Jacobian near 1) or `fan_in` (init_std / sqrt(fan_in): with unit-norm
+    keys f(k) starts at std ~0.06 and LN multiplies every inner gradient by ~16). See NeuralMemory's docstring."""
+    value_norm: bool = True
+    """RMS-normalise the values v per head: targets on the scale of M(k) = k + LN(f(k)) (LN's output has unit
+    RMS and cannot shrink to meet small values)."""
+    inner_step: str = "normalized"
+    """`normalized`: each memory layer's theta is divided by the expected squared norm of its input (1 for the
+    first layer, expansion x head dim x E[gelu^2] for later ones), so theta's [0, max_lr] range is the same bounded
+    step on every layer; `plain`: theta as is (the second layer's step is then ~100x past its stability limit:
+    step-1 gradient norms 1e5-1e7x the transformer's). Keep `normalized` unless you study it."""
     theta_bias: float = 0.0
     """Rate parameterisation: initial bias of theta's linear map in sigmoid space (0: theta = max_lr / 2)."""
     eta_bias: float = 2.0
@@ -80,6 +92,9 @@ class MemoryConfig:
             _require_positive(self, "heads", "model.memory")
         if not self.max_lr > 0:
             raise ValueError(f"model.memory.max_lr={self.max_lr} must be > 0")
+        for key, choices in (("init_scale", ("input_norm", "fan_in")), ("inner_step", ("normalized", "plain"))):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"model.memory.{key}={getattr(self, key)!r} must be one of {', '.join(choices)}")
 
 
 @dataclass
@@ -123,9 +138,10 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
     """Share the embedding matrix with the output head (Llama: no)."""
-    init_std: float = 0.02
-    """Std of the normal init of linear layers and embeddings; output projections get init_std/sqrt(2*n_layers).
-    The memory layer initialises its own parameters."""
+    init_std: float | None = 0.02
+    """Std of the normal init of linear layers and embeddings; null: each linear map 1/sqrt(fan_in) and embeddings
+    1. Either way the output projections of residual branches (attention, MLP, memory) get that std divided by
+    sqrt(2 * n_layers). The memory's fast-weight init, conv and rate maps are set by `model.memory`."""
     attention_backend: str = "auto"
     """auto (flex attention on CUDA for masked attention of >= 128 queries, SDPA otherwise), sdpa, or flex (CUDA
     only; SDPA elsewhere). Both evaluate the same mask functions, so results agree to float tolerance."""

@@ -34,12 +34,9 @@ GATES = {"sigmoid": torch.sigmoid, "silu": F.silu}
 
 
 def make_memory(cfg: ModelConfig) -> NeuralMemory:
-    m = cfg.memory
-    return NeuralMemory(
-        cfg.dim, cfg.memory_heads(), depth=m.depth, expansion=m.expansion, chunk_size=m.chunk_size,
-        max_lr=m.max_lr, per_layer_theta=m.per_layer_theta, channel_alpha=m.channel_alpha, residual=m.residual,
-        layer_norm=m.layer_norm, conv_kernel=m.conv_kernel, init_std=m.init_std, theta_bias=m.theta_bias,
-        eta_bias=m.eta_bias, alpha_bias=m.alpha_bias, compile=m.compile)
+    """The block's NeuralMemory: `model.memory`'s fields are its keyword arguments (heads resolved by the model)."""
+    kwargs = {f.name: getattr(cfg.memory, f.name) for f in dataclasses.fields(cfg.memory) if f.name != "heads"}
+    return NeuralMemory(cfg.dim, cfg.memory_heads(), **kwargs)
 
 
 def make_attention(cfg: ModelConfig, window: int | None) -> Attention:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans_train.config import ModelConfig
-from titans_train.layers.attention import Attention, init_attention_
+from titans_train.layers.attention import Attention
 from titans_train.layers.mlp import SwiGLU
 from titans_train.layers.norm import RMSNorm
 from titans_train.layers.state import StateMixin
@@ -73,19 +73,35 @@ class TitansLM(nn.Module):
     # --- parameters ---------------------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for embeddings and linear maps; output projections of residual branches (attention
-        `wo`, SwiGLU `w2`) get init_std / sqrt(2 n_layers) (GPT-2). The memory layer keeps its own init."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.embed.weight, std=std)
+        """Normal init of embeddings and linear maps (std `init_std`, or 1/sqrt(fan_in) with embeddings at 1 when it
+        is null); the output projections of residual branches (attention `wo`, SwiGLU `w2`, the memory's `out_proj`)
+        get that std / sqrt(2 n_layers) (GPT-2). The memory's fast-weight init, conv and rate maps keep their own."""
+        from titans_train.layers.neural_memory import NeuralMemory
+
+        depth_scale = 1 / math.sqrt(2 * self.cfg.n_layers)
+
+        def std_of(linear: nn.Linear) -> float:
+            return self.cfg.init_std if self.cfg.init_std is not None else linear.in_features ** -0.5
+
+        def init(linear: nn.Linear, output: bool = False) -> None:
+            nn.init.normal_(linear.weight, std=std_of(linear) * (depth_scale if output else 1.0))
+
+        nn.init.normal_(self.embed.weight, std=self.cfg.init_std if self.cfg.init_std is not None else 1.0)
         if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.head.weight, std=std)
+            init(self.head)
         for module in self.modules():
             if isinstance(module, Attention):
-                init_attention_(module, std, out_std)
+                init(module.wqkv)
+                init(module.wo, output=True)
+                if module.persistent is not None:
+                    nn.init.normal_(module.persistent, std=std_of(module.wqkv))
             elif isinstance(module, SwiGLU):
-                nn.init.normal_(module.w13.weight, std=std)
-                nn.init.normal_(module.w2.weight, std=out_std)
+                init(module.w13)
+                init(module.w2, output=True)
+            elif isinstance(module, NeuralMemory):
+                init(module.qkv)
+                init(module.gate)
+                init(module.out_proj, output=True)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 

@@ -13,6 +13,7 @@ when the build fails the op falls back to the Python paths and `build_error()` s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -47,9 +48,11 @@ def _load():
             from torch.utils.cpp_extension import _get_build_directory, load
 
             # -march=native: the build is per machine; the name carries the CPU so that a shared cache directory
-            # (e.g. a home directory on a cluster of mixed nodes) never hands one machine another's binary.
+            # (e.g. a home directory on a cluster of mixed nodes) never hands one machine another's binary, and the
+            # source's hash so that two checkouts of different versions never rebuild (or wait on) each other's.
             tag = "".join(ch for ch in (platform.processor() or platform.machine()) if ch.isalnum())[:24]
-            name = f"titans_memory_cpu_{tag}"
+            digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
+            name = f"titans_memory_cpu_{tag}_{digest}"
             if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
                 print(f"titans-train: compiling the memory op's CPU kernel (first use on this machine, ~30 s; "
                       f"cached after)", file=sys.stderr, flush=True)

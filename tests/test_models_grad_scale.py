@@ -1,0 +1,61 @@
+"""The memory variants' gradient scale at initialisation is the transformer's (issue: memory variants that learn).
+
+With the inner step not normalised to the memory layers' input norms, the unrolled inner updates were unstable
+(per-chunk step far above the inner loss's curvature limit) and the step-1 gradient norm of LMM/MAL was ~1e6 x the
+transformer's at the mini config (MAG ~1e4x); LayerNorm hid it in the forward. See NeuralMemory's docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans_train.config import ModelConfig, MemoryConfig
+from titans_train.models import build_model
+
+MEMORY_VARIANTS = ("lmm", "mag", "mal", "mac")
+
+
+def _text_batch(batch: int, seq: int) -> torch.Tensor:
+    """Byte tokens of real text (the standard library's own source, as the built-in corpus), (batch, seq + 1)."""
+    raw = (json.__file__ and open(json.__file__.replace("__init__.py", "decoder.py"), "rb").read())
+    raw = (raw * (batch * (seq + 1) // len(raw) + 1))[: batch * (seq + 1)]
+    return torch.tensor(list(raw), dtype=torch.long).view(batch, seq + 1)
+
+
+def _grad_norm(variant: str, memory: dict, *, dim: int, n_layers: int, heads: int, seq: int, batch: int,
+               window: int, segment: int) -> float:
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, vocab_size=257, dim=dim, n_layers=n_layers, heads=heads, max_seq_len=seq,
+                      window=None if variant == "transformer" else window, n_persistent=8, segment_len=segment,
+                      mac_memory_tokens=segment // 2, memory=MemoryConfig(**memory))
+    model = build_model(cfg)
+    x = _text_batch(batch, seq)
+    logits, _ = model(x[:, :-1])
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+    return math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters() if p.grad is not None))
+
+
+SMALL = dict(dim=128, n_layers=2, heads=2, seq=256, batch=2, window=64, segment=64)  # head dim 64, as the recipes
+TINY = dict(dim=256, n_layers=4, heads=4, seq=256, batch=2, window=64, segment=64)   # recipes/base/tiny.yaml dims
+
+
+@pytest.mark.parametrize("dims", [SMALL, TINY], ids=["small", "tiny_recipe"])
+def test_step1_gradient_norm_within_10x_of_transformer(dims):
+    torch.set_num_threads(1)
+    ref = _grad_norm("transformer", {}, **dims)
+    norms = {v: _grad_norm(v, {}, **dims) for v in MEMORY_VARIANTS}
+    bad = {v: f"{n / ref:.3g}x" for v, n in norms.items() if not n / ref < 10}
+    assert not bad, f"step-1 gradient norm vs Transformer++'s {ref:.3g}: {bad}"
+
+
+def test_unnormalised_inner_step_is_what_blows_up():
+    """The same check with the old parameterisation fails: the test sees the cause, not noise."""
+    torch.set_num_threads(1)
+    old = dict(inner_step="plain", init_scale="fan_in", value_norm=False)
+    ref = _grad_norm("transformer", {}, **SMALL)
+    assert _grad_norm("lmm", old, **SMALL) / ref > 100
