@@ -120,10 +120,14 @@ def test_retrieve_reads_current_weights_without_writing(channel_alpha):
     assert (expect - h).abs().max() <= TOL
 
 
-def test_reset_rows_restart_from_initial_state():
-    layer = make_layer()
-    x = torch.randn(2, 16, 24, dtype=torch.float64)
-    nxt = torch.randn(2, 8, 24, dtype=torch.float64)
+@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
+@pytest.mark.parametrize("length", [16, 11], ids=["at-boundary", "3-pending"])
+def test_reset_rows_restart_from_initial_state(length, channel_alpha):
+    """reset_state between calls: the row restarts exactly as a fresh stream (its pending tokens dropped, its
+    memory chunks from the next token, zero conv tail); the other row continues untouched."""
+    layer = make_layer(channel_alpha=channel_alpha)
+    x = torch.randn(2, length, 24, dtype=torch.float64)
+    nxt = torch.randn(2, 21, 24, dtype=torch.float64)
     _, state = layer(x)
     state = layer.reset_state(state, torch.tensor([True, False]))
     y, _ = layer(nxt, state)
@@ -134,13 +138,83 @@ def test_reset_rows_restart_from_initial_state():
     assert (y[1] - y_keep[1]).abs().max() <= TOL  # row 1 is untouched
 
 
-@pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
-def test_reset_with_pending_tokens_makes_them_no_ops(channel_alpha):
-    layer = make_layer(conv_kernel=1, channel_alpha=channel_alpha)  # no conv: the reset row must equal a fresh start
-    x = torch.randn(2, 11, 24, dtype=torch.float64)  # 3 tokens pending
+# Document starts per row (B = 2, T = 45, memory chunk 8): at 0, mid-chunk, adjacent, at the last token, none.
+DOC_STARTS = {"mixed": ([0, 5, 6, 30], [19]), "last-and-none": ([44], []), "many": (list(range(2, 45, 7)), [1, 2, 3])}
+
+
+def doc_reset(rows, T=45) -> torch.Tensor:
+    out = torch.zeros(len(rows), T, dtype=torch.bool)
+    for r, pos in enumerate(rows):
+        out[r, pos] = True
+    return out
+
+
+def each_document_alone(layer, x, reset):
+    """The reference: every document of every row through the layer alone from a fresh state, put back in place."""
+    rows = []
+    for r in range(x.shape[0]):
+        cuts = [0] + [t for t in torch.nonzero(reset[r]).flatten().tolist() if t > 0] + [x.shape[1]]
+        rows.append(torch.cat([layer(x[r : r + 1, a:b])[0] for a, b in zip(cuts[:-1], cuts[1:])], dim=1))
+    return torch.cat(rows)
+
+
+def grads_of(layer, y):
+    cot = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    return dict(zip([n for n, _ in layer.named_parameters()], torch.autograd.grad((y * cot).sum(), list(layer.parameters()))))
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_layer_theta": True, "depth": 1}, {"channel_alpha": True}],
+                         ids=["default", "linear-per-layer-theta", "alpha-channel"])
+@pytest.mark.parametrize("case", list(DOC_STARTS))
+def test_packed_documents_equal_each_document_alone(case, kw):
+    """A row of several documents with `reset` == each document alone from the initial state: outputs and the
+    gradient of every parameter (W_0 included), float64."""
+    layer = make_layer(**kw)
+    x = torch.randn(2, 45, 24, dtype=torch.float64)
+    reset = doc_reset(DOC_STARTS[case])
+    y, _ = layer(x, reset=reset)
+    ref = each_document_alone(layer, x, reset)
+    assert (y - ref).abs().max() <= TOL
+    g, g_ref = grads_of(layer, y), grads_of(layer, ref)
+    for name in g:
+        assert g_ref[name].abs().max() > 0, name
+        assert (g[name] - g_ref[name]).abs().max() <= TOL, name
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_documents_in_pieces_equal_one_call(seed):
+    """Streaming stays exact with document starts: pieces of random sizes (resets sliced with them) == one call,
+    outputs and the final state, also when the rows' memory chunks are out of step (`pending_len`)."""
+    layer = make_layer()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 45, 24, dtype=torch.float64, generator=gen)
+    reset = doc_reset(DOC_STARTS["mixed"])
+    y_full, s_full = layer(x, reset=reset)
+    ys, state, pos = [], None, 0
+    for n in random_split(45, gen):
+        y, state = layer(x[:, pos : pos + n], state, reset[:, pos : pos + n])
+        ys.append(y)
+        pos += n
+    assert (torch.cat(ys, dim=1) - y_full).abs().max() <= TOL
+    w, w_full = layer.current_weights(state), layer.current_weights(s_full)
+    assert all((a - b).abs().max() <= TOL for a, b in zip(w, w_full))
+    probe = torch.randn(2, 9, 24, dtype=torch.float64, generator=gen)
+    assert (layer(probe, state)[0] - layer(probe, s_full)[0]).abs().max() <= TOL
+
+
+def test_retrieve_reads_the_initial_memory_after_a_document_start():
+    layer = make_layer()
+    x = torch.randn(2, 13, 24, dtype=torch.float64)
+    probe = torch.randn(2, 6, 24, dtype=torch.float64)
     _, state = layer(x)
-    state = layer.reset_state(state, torch.tensor([True, False]))
-    assert torch.equal(layer.current_weights(state)[0][0], state.weights[0][0])
+    reset = torch.zeros(2, 6, dtype=torch.bool)
+    reset[0, 2] = True
+    h, after = layer.retrieve(probe, state, reset)
+    h_old, _ = layer.retrieve(probe, state)
+    h_fresh, _ = layer.retrieve(probe[:1, 2:])
+    assert (h[0, :2] - h_old[0, :2]).abs().max() <= TOL and (h[1] - h_old[1]).abs().max() <= TOL
+    assert (h[0, 2:] - h_fresh[0]).abs().max() <= TOL
+    assert torch.equal(layer.current_weights(after)[0][0], layer.init_weights[0])
 
 
 def test_gradients_reach_every_parameter_and_state():

@@ -91,8 +91,8 @@ def test_resume_is_exact(tmp_path):
 
 
 class NaNLM(ToyLM):
-    def forward(self, tokens, state=None):
-        logits, state = super().forward(tokens, state)
+    def forward(self, tokens, state=None, reset=None):
+        logits, state = super().forward(tokens, state, reset)
         return logits * float("nan"), state
 
 

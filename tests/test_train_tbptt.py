@@ -139,7 +139,8 @@ def test_doc_start_resets_row_state():
     doc_start[0, L] = True  # row 0: a document starts with chunk 1
     ce = lambda logits, tgt: F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none")
     with torch.no_grad():
-        got = window_step(model, tokens, doc_start, chunk_len=L, tbptt_chunks=n_chunks, backward=None)
+        got = window_step(model, tokens, doc_start, chunk_len=L, tbptt_chunks=n_chunks, backward=None,
+                          reset_memory="chunk")
         row0 = ce(model(tokens[:1, L:-1])[0][:, :L], tokens[:1, L + 1 : 2 * L + 1])  # fresh from chunk 1
         row1 = ce(model(tokens[1:, :-1])[0][:, L : 2 * L], tokens[1:, L + 1 : 2 * L + 1])  # carried
     assert abs(got[1].item() - torch.cat([row0, row1]).mean().item()) < LOSS_TOL
@@ -175,3 +176,18 @@ def test_accumulating_windows_equals_one_bigger_batch():
     accumulated = _grads(model)
     _, whole = _run_window(model, tokens, 8, k=2)
     _assert_close(accumulated, whole)
+
+
+@pytest.mark.parametrize("name,factory", MODELS[1:], ids=[m[0] for m in MODELS[1:]])
+def test_token_resets_full_window_equals_one_call(name, factory):
+    """reset_memory="token" (the default): document starts inside and at the start of sequence chunks; exact
+    backprop through the window equals one call over the window with the same resets."""
+    model, tokens = _setup(factory, 4, 8)
+    doc_start = torch.zeros_like(tokens, dtype=torch.bool)
+    doc_start[0, [0, 5, 8, 19, 20]] = True
+    doc_start[1, [13, 24]] = True
+    _, got = _run_window(model, tokens, 8, k=4, doc_start=doc_start)
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(tokens[:, :-1], reset=doc_start[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    _assert_close(got, _grads(model))

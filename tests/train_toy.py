@@ -1,6 +1,7 @@
 """A tiny recurrent LM with a typed, carried state: stands in for a Titans model in the training tests.
 
-It has the Titans model interface (`model(tokens, state) -> (logits, state)`, a State with `detach()`), and
+It has the Titans model interface (`model(tokens, state, reset) -> (logits, state)`, a State with `detach()`;
+its recurrent state restarts from zero at each `reset` token, like a Titans memory at a document start), and
 pieces-with-state equals one call exactly, which is all truncated backprop relies on.
 """
 
@@ -32,11 +33,13 @@ class ToyLM(nn.Module):
     def init_state(self, batch: int) -> ToyState:
         return ToyState(torch.zeros(batch, self.dim, dtype=self.emb.weight.dtype, device=self.emb.weight.device))
 
-    def forward(self, tokens, state=None):
+    def forward(self, tokens, state=None, reset=None):
         h = self.init_state(tokens.shape[0]).h if state is None else state.h
         x = self.emb(tokens)  # (B, T, D)
         outs = []
         for t in range(tokens.shape[1]):
+            if reset is not None:
+                h = torch.where(reset[:, t, None], torch.zeros_like(h), h)
             h = torch.tanh(self.rec(h) + x[:, t])
             outs.append(h)
         y = self.norm(torch.stack(outs, 1))  # (B, T, D)

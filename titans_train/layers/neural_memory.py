@@ -33,6 +33,7 @@ call stays bounded by the chunk size (token-by-token decoding costs O(chunk_size
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,9 @@ class MemoryState(StateMixin):
         theta (B, H, n, L), eta (B, H, n) and alpha (B, H, n), or (B, H, n, D) with `channel_alpha`.
     conv_tail: the last (kernel - 1) q/k/v projections before the causal conv, (B, kernel - 1, 3 * H * D),
         for the update stream; query_tail the same for `retrieve`'s read-only stream (q projections only).
+        Projections from before a row's document start are zeros (the conv sees zeros before a document).
+    pending_len: None when every row's n pending tokens are its own; after a document start inside a call each
+        row's memory chunk started elsewhere, and row b's pending tokens are the last pending_len[b] of the n.
     """
 
     weights: tuple[Tensor, ...]
@@ -60,6 +64,7 @@ class MemoryState(StateMixin):
     pending: tuple[Tensor, ...]
     conv_tail: Tensor
     query_tail: Tensor
+    pending_len: tuple[int, ...] | None = None
 
     @property
     def tokens_in_chunk(self) -> int:
@@ -83,6 +88,11 @@ def _input_norms2(dims: list[int], init_scale: str) -> list[float]:
     if init_scale == "fan_in":
         return [float(d) for d in dims[:-1]]
     return [1.0] + [d * GELU_SQ for d in dims[1:-1]]
+
+
+def _uniform(pending_len: tuple[int, ...], n: int) -> tuple[int, ...] | None:
+    """`MemoryState.pending_len`: None when every row holds all n pending tokens."""
+    return None if all(m == n for m in pending_len) else tuple(pending_len)
 
 
 class NeuralMemory(nn.Module):
@@ -206,35 +216,50 @@ class NeuralMemory(nn.Module):
         return MemoryState(weights, momentum, pending, conv_tail, conv_tail[..., : H * D].clone())
 
     def reset_state(self, state: MemoryState, rows: Tensor) -> MemoryState:
-        """Reset the batch rows where `rows` (bool, (B,)) is True to the initial state (a document starts).
-
-        Tokens pending in the current memory chunk stay in the batch (they are shared by all rows), but for reset
-        rows they become no-ops: with zero momentum, theta = 0 and alpha = 0 they leave W_0 untouched. The memory
-        chunk grid keeps its alignment to the stream, not to the new document.
-        """
+        """Reset the batch rows where `rows` (bool, (B,)) is True to the initial state (a document starts before
+        the next token): W_0, zero momentum, no pending tokens (the next memory chunk starts at the document's
+        first token) and zero conv tails. Same as `forward(..., reset=...)` with a reset at its first token."""
         fresh = self.init_state(rows.shape[0], state.conv_tail.device, state.conv_tail.dtype)
 
         def pick(new: Tensor, old: Tensor) -> Tensor:
             return torch.where(rows.view(-1, *([1] * (old.dim() - 1))), new.to(old.dtype), old)
 
-        k_p, v_p, theta_p, eta_p, alpha_p = state.pending
-        pending = (k_p, v_p, pick(torch.zeros_like(theta_p), theta_p), eta_p, pick(torch.zeros_like(alpha_p), alpha_p))
+        n = state.tokens_in_chunk
+        lens = state.pending_len or (n,) * rows.shape[0]
+        pending_len = tuple(0 if r else m for r, m in zip(rows.tolist(), lens))
         return MemoryState(
             tuple(map(pick, fresh.weights, state.weights)),
             tuple(map(pick, fresh.momentum, state.momentum)),
-            pending,
+            state.pending,
             pick(fresh.conv_tail, state.conv_tail),
             pick(fresh.query_tail, state.query_tail),
+            _uniform(pending_len, n),
         )
 
     # ---- projections ------------------------------------------------------------------------------------------------
 
-    def _causal_conv(self, proj: Tensor, tail: Tensor, channels: slice) -> tuple[Tensor, Tensor]:
-        """Depthwise causal conv over time with the previous call's tail. proj: (B, T, C) -> (B, T, C)."""
+    def _causal_conv(self, proj: Tensor, tail: Tensor, channels: slice,
+                     reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Depthwise causal conv over time with the previous call's tail. proj: (B, T, C) -> (B, T, C).
+
+        With `reset` (B, T) bool (document starts), a token sees zeros before its document's first token (a tap j
+        tokens back counts only if no document starts in between), and the tail keeps zeros before the last start.
+        """
         seq = torch.cat([tail, proj], dim=1)  # (B, K - 1 + T, C)
         weight = self.conv.weight[channels]
-        out = F.conv1d(seq.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2)
-        return out, seq[:, seq.shape[1] - (self.conv_kernel - 1):]
+        K, T = self.conv_kernel, proj.shape[1]
+        if reset is None:
+            out = F.conv1d(seq.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2)
+            return out, seq[:, seq.shape[1] - (K - 1):]
+        t = torch.arange(T, device=proj.device)
+        start = torch.cummax(torch.where(reset, t, -K), dim=1).values  # (B, T) the last document start <= t
+        since = t - start  # tokens since it (>= K where none in this call)
+        out = seq[:, K - 1:] * weight[:, 0, K - 1]
+        for j in range(1, K):  # tap j tokens back
+            out = out + seq[:, K - 1 - j : K - 1 - j + T] * weight[:, 0, K - 1 - j] * (since >= j)[..., None]
+        tail_pos = torch.arange(T - (K - 1), T, device=proj.device)  # positions of the new tail (< 0: old tail)
+        keep = tail_pos[None, :] >= start[:, -1:]  # (B, K - 1)
+        return out, seq[:, seq.shape[1] - (K - 1):] * keep[..., None]
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -254,13 +279,21 @@ class NeuralMemory(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
-        """Write every token into the memory and read it back after its own update. x: (B, T, dim)."""
+    def forward(self, x: Tensor, state: MemoryState | None = None,
+                reset: Tensor | None = None) -> tuple[Tensor, MemoryState]:
+        """Write every token into the memory and read it back after its own update. x: (B, T, dim).
+
+        reset: (B, T) bool, True at the first token of a document: from there on the row's memory is exactly what
+        it would be with the document alone from the initial state (W_0, zero momentum, memory chunks from its
+        first token, the conv seeing zeros before it).
+        """
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, x.device, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+        if reset is not None and not bool(reset.any()):
+            reset = None
         inner = self.heads * self.head_dim
-        qkv, conv_tail = self._causal_conv(self.qkv(x), state.conv_tail.to(x.dtype), slice(None))
+        qkv, conv_tail = self._causal_conv(self.qkv(x), state.conv_tail.to(x.dtype), slice(None), reset)
         q, k, v = (self._heads(t) for t in F.silu(qkv).split(inner, dim=-1))  # (B, H, T, D) each
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if self.value_norm:  # targets on the scale of M(k) = k + LN(f(k)): unit RMS per element
@@ -282,6 +315,12 @@ class NeuralMemory(nn.Module):
         n_full = n - n % self.chunk_size
         theta_arg = theta if self.theta_cols > 1 else theta[..., 0]
         kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm, compile=self.compile)
+        if reset is not None or state.pending_len is not None:
+            y, weights, momentum, pending_len = self._documents(q, k, v, theta_arg, eta, alpha, state, reset, kw)
+            m = max(pending_len)
+            pending = tuple(t[:, :, n - m:] for t in (k, v, theta, eta, alpha))
+            new_state = MemoryState(weights, momentum, pending, conv_tail, state.query_tail, _uniform(pending_len, m))
+            return self._output(y, x), new_state
         weights, momentum, ys = state.weights, state.momentum, []
         if n_full:
             y, weights, momentum = memory_update(
@@ -300,22 +339,68 @@ class NeuralMemory(nn.Module):
         new_state = MemoryState(weights, momentum, pending, conv_tail, state.query_tail)
         return self._output(y, x), new_state
 
-    def retrieve(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+    def _documents(self, q, k, v, theta, eta, alpha, state: MemoryState, reset: Tensor | None, kw: dict):
+        """`forward`'s memory op over the n = n_p + T tokens (pending ones first) when documents start inside the
+        call or the rows' memory chunks are not aligned (`pending_len`): per row, the tokens up to its last
+        memory-chunk boundary in one op call with the resets (state = the anchor there), then the rest (its
+        pending tokens) read from that anchor. Returns y (B, H, T, D) for the new tokens, the anchors and the
+        pending count per row."""
+        B, H, n, _ = q.shape
+        n_p, b, dev = state.tokens_in_chunk, self.chunk_size, q.device
+        pos = torch.arange(n, device=dev)
+        present = self._own_pending(state, n)  # (B, n) the slots of other rows' longer pending are absent
+        lens = present[:, :n_p].sum(dim=1)  # (B,) each row's own pending tokens
+        starts = torch.zeros(B, n, dtype=torch.bool, device=dev)
+        if reset is not None:
+            starts[:, n_p:] = reset
+        # Each row's last document starts at its last reset, else at its first own pending token (an old boundary).
+        doc = torch.where(starts.any(dim=1), torch.where(starts, pos, -1).amax(dim=1), n_p - lens)
+        m = (n - doc) % b  # (B,) tokens after the row's last memory-chunk boundary
+        tail = pos[None, :] >= (n - m)[:, None]
+        initial = tuple(w.to(q.device, state.weights[0].dtype).unsqueeze(0).expand(B, *w.shape)
+                        for w in self.init_weights)
+        y, weights, momentum = memory_update(q, k, v, theta, eta, alpha, state.weights, state.momentum, **kw,
+                                             reset=starts, mask=present & ~tail, initial=initial)
+        if bool(tail.any()):  # the pending tokens of the next call, read from their anchor (a document start: W_0)
+            fresh = (starts & tail).any(dim=1).view(B, 1, 1, 1)
+            weights = tuple(torch.where(fresh, w0, w) for w0, w in zip(initial, weights))
+            momentum = tuple(torch.where(fresh, 0.0, s) for s in momentum)
+            y_tail, _, _ = memory_update(q, k, v, theta, eta, alpha, weights, momentum, **kw, mask=tail)
+            y = torch.where(tail[:, None, :, None], y_tail, y)
+        return y[:, :, n_p:], weights, momentum, tuple(m.tolist())
+
+    def _own_pending(self, state: MemoryState, n: int) -> Tensor:
+        """(B, n) bool: False for the leading pending slots that belong to other rows (see `pending_len`)."""
+        B, n_p = state.conv_tail.shape[0], state.tokens_in_chunk
+        lens = torch.tensor(state.pending_len or (n_p,) * B, device=state.conv_tail.device)
+        return torch.arange(n, device=lens.device)[None, :] >= (n_p - lens)[:, None]
+
+    def retrieve(self, x: Tensor, state: MemoryState | None = None,
+                 reset: Tensor | None = None) -> tuple[Tensor, MemoryState]:
         """Read the memory without writing it: M_W(q) with the weights after the state's last token.
 
         Uses the same q projection and conv as `forward` (with its own conv tail, carried in the returned
         state), so MAC can read with a segment's tokens before writing the attention output of that segment.
+        With `reset` (B, T) bool, tokens from a row's document start on read the initial memory W_0 (and the
+        conv sees zeros before it), and the returned state of that row is the initial one.
         """
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, x.device)
         inner = self.heads * self.head_dim
         proj = F.linear(x, self.qkv.weight[:inner])
-        q, query_tail = self._causal_conv(proj, state.query_tail.to(x.dtype), slice(0, inner))
+        q, query_tail = self._causal_conv(proj, state.query_tail.to(x.dtype), slice(0, inner), reset)
         q = F.normalize(self._heads(F.silu(q)), dim=-1)
         weights = self.current_weights(state)
-        y = memory_apply(q.to(weights[0].dtype), weights, residual=self.residual, layer_norm=self.layer_norm)
-        new_state = MemoryState(state.weights, state.momentum, state.pending, state.conv_tail, query_tail)
+        q = q.to(weights[0].dtype)
+        y = memory_apply(q, weights, residual=self.residual, layer_norm=self.layer_norm)
+        if reset is not None and bool(reset.any()):
+            after = torch.cummax(reset.int(), dim=1).values.bool()  # (B, T) at or after a document start
+            initial = tuple(w.to(y.dtype).unsqueeze(0).expand(B, *w.shape) for w in self.init_weights)
+            y0 = memory_apply(q, initial, residual=self.residual, layer_norm=self.layer_norm)
+            y = torch.where(after[:, None, :, None], y0, y)
+            state = self.reset_state(state, after[:, -1])
+        new_state = dataclasses.replace(state, query_tail=query_tail)
         return self._output(y.to(x.dtype), x), new_state
 
     def current_weights(self, state: MemoryState) -> tuple[Tensor, ...]:
@@ -324,9 +409,10 @@ class NeuralMemory(nn.Module):
             return state.weights
         k_p, v_p, theta_p, eta_p, alpha_p = state.pending
         theta = theta_p if self.theta_cols > 1 else theta_p[..., 0]
+        mask = self._own_pending(state, k_p.shape[2]) if state.pending_len is not None else None
         _, weights, _ = memory_update(
             k_p, k_p, v_p, theta, eta_p, alpha_p, state.weights, state.momentum, chunk_size=self.chunk_size,
-            residual=self.residual, layer_norm=self.layer_norm,
+            residual=self.residual, layer_norm=self.layer_norm, mask=mask,
         )
         return weights
 

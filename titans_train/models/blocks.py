@@ -10,7 +10,8 @@ Every block is pre-norm (RMSNorm) with a token mixer and a SwiGLU MLP; they diff
                                                                                  state: MACLayerState
 
 `x` is (B, T, dim) at stream positions pos..pos+T-1; `state` is what the block carries from earlier tokens
-(never None here: the model makes a fresh one).
+(never None here: the model makes a fresh one); `reset` (B, T) bool or None marks document starts, where the
+memory restarts from its initial state (attention is not reset: packed training without document masks).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class TransformerBlock(nn.Module):
     def init_state(self, batch: int, device=None, dtype=None) -> KVCache:
         return self.attn.init_cache(batch, device, dtype)
 
-    def forward(self, x: Tensor, state: KVCache, pos: int) -> tuple[Tensor, KVCache]:
+    def forward(self, x: Tensor, state: KVCache, pos: int, reset: Tensor | None = None) -> tuple[Tensor, KVCache]:
         a, state = self.attn(self.attn_norm(x), state, pos)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), state
@@ -105,8 +106,9 @@ class LMMBlock(nn.Module):
     def init_state(self, batch: int, device=None, dtype=None) -> MemoryState:
         return self.memory.init_state(batch, device, dtype)
 
-    def forward(self, x: Tensor, state: MemoryState, pos: int) -> tuple[Tensor, MemoryState]:
-        m, state = self.memory(self.memory_norm(x), state)
+    def forward(self, x: Tensor, state: MemoryState, pos: int,
+                reset: Tensor | None = None) -> tuple[Tensor, MemoryState]:
+        m, state = self.memory(self.memory_norm(x), state, reset)
         x = x + m
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -130,10 +132,11 @@ class MAGBlock(nn.Module):
     def init_state(self, batch: int, device=None, dtype=None) -> HybridState:
         return HybridState(self.memory.init_state(batch, device, dtype), self.attn.init_cache(batch, device, dtype))
 
-    def forward(self, x: Tensor, state: HybridState, pos: int) -> tuple[Tensor, HybridState]:
+    def forward(self, x: Tensor, state: HybridState, pos: int,
+                reset: Tensor | None = None) -> tuple[Tensor, HybridState]:
         h = self.mixer_norm(x)
         a, kv = self.attn(h, state.attn, pos)
-        m, mem = self.memory(h, state.memory)
+        m, mem = self.memory(h, state.memory, reset)
         x = x + self.attn_out_norm(a) * self.gate(self.memory_out_norm(m))
         return x + self.mlp(self.mlp_norm(x)), HybridState(mem, kv)
 
@@ -153,8 +156,9 @@ class MALBlock(nn.Module):
     def init_state(self, batch: int, device=None, dtype=None) -> HybridState:
         return HybridState(self.memory.init_state(batch, device, dtype), self.attn.init_cache(batch, device, dtype))
 
-    def forward(self, x: Tensor, state: HybridState, pos: int) -> tuple[Tensor, HybridState]:
-        m, mem = self.memory(self.memory_norm(x), state.memory)
+    def forward(self, x: Tensor, state: HybridState, pos: int,
+                reset: Tensor | None = None) -> tuple[Tensor, HybridState]:
+        m, mem = self.memory(self.memory_norm(x), state.memory, reset)
         x = x + m
         a, kv = self.attn(self.attn_norm(x), state.attn, pos)
         x = x + a
@@ -192,13 +196,15 @@ class MACBlock(nn.Module):
         h = torch.zeros(batch, 0, self.attn.dim, device=device, dtype=dtype)
         return MACLayerState(mem, mem, h, kv.k, kv.v, kv.k.clone(), kv.v.clone())
 
-    def forward(self, x: Tensor, state: MACLayerState, pos: int) -> tuple[Tensor, MACLayerState]:
+    def forward(self, x: Tensor, state: MACLayerState, pos: int,
+                reset: Tensor | None = None) -> tuple[Tensor, MACLayerState]:
         h = self.mixer_norm(x)
         outs, start = [], 0
         while start < h.shape[1]:  # cut at segment boundaries of the stream
             room = self.segment_len - state.k_seg.shape[2]
             piece = h[:, start:start + room]
-            o, state = self._segment(piece, state, pos + start)
+            piece_reset = reset[:, start:start + room] if reset is not None else None
+            o, state = self._segment(piece, state, pos + start, piece_reset)
             outs.append(o)
             start += piece.shape[1]
         x = x + (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
@@ -210,13 +216,17 @@ class MACBlock(nn.Module):
         groups = h.reshape(B, n // self.stride, self.stride, dim)
         return groups.mean(dim=2) if self.pool == "mean" else groups[:, :, -1]
 
-    def _segment(self, x: Tensor, st: MACLayerState, pos: int) -> tuple[Tensor, MACLayerState]:
-        """x (B, t, dim): the next tokens of the current segment (at most what is left of it), at pos..pos+t-1."""
+    def _segment(self, x: Tensor, st: MACLayerState, pos: int,
+                 reset: Tensor | None = None) -> tuple[Tensor, MACLayerState]:
+        """x (B, t, dim): the next tokens of the current segment (at most what is left of it), at pos..pos+t-1.
+
+        At a document start (`reset`) both memories restart: the segment's tokens from there on retrieve from the
+        initial memory, and the update stream restarts at that token. The segment's attention still spans it."""
         B, t, _ = x.shape
         n_old = st.k_seg.shape[2]
         seg_start = pos - n_old
         # Memory tokens: the segment's own tokens read the memory from before the segment.
-        h_new, retrieval = self.memory.retrieve(x, st.retrieval)  # (B, t, dim)
+        h_new, retrieval = self.memory.retrieve(x, st.retrieval, reset)  # (B, t, dim)
         h = torch.cat([st.h_pending, h_new], dim=1) if st.h_pending.shape[1] else h_new
         complete = h.shape[1] // self.stride * self.stride
         m_old, m_new = st.k_mem.shape[2], complete // self.stride
@@ -234,7 +244,7 @@ class MACBlock(nn.Module):
         mod = mac_mod(n_prefix=n_prefix, n_mem=n_mem, stride=self.stride, q_start=n_old)
         y = self.attn.attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mod,
                              mask_key=("mac", n_prefix, n_mem, self.stride, n_old))  # (B, t, dim)
-        o, memory = self.memory(y, st.memory)  # update with y; o_t uses the weights after token t
+        o, memory = self.memory(y, st.memory, reset)  # update with y; o_t uses the weights after token t
         out = y * self.gate(o)
         if n_old + t < self.segment_len:
             return out, MACLayerState(retrieval, memory, h[:, complete:], k_mem, v_mem, k_seg, v_seg)

@@ -134,15 +134,25 @@ class TitansLM(nn.Module):
         layers = [_reset_memory(block, cur, rows) for block, cur in zip(self.blocks, state.layers)]
         return State(layers, state.pos, state._model)
 
-    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """tokens (B, T) int -> logits (B, T, vocab), the state after the last token."""
+    def forward(self, tokens: Tensor, state: State | None = None,
+                reset: Tensor | None = None) -> tuple[Tensor, State]:
+        """tokens (B, T) int -> logits (B, T, vocab), the state after the last token.
+
+        reset: (B, T) bool, True at the first token of each document packed into a row: every memory restarts
+        there from its initial state, exactly as if the document ran alone (LMM, MAG, MAL; MAC too when the
+        document starts at a segment boundary). Attention is not reset (see `State.reset`).
+        """
         B, T = tokens.shape
         if state is None:
             state = self.init_state(B)
+        if reset is not None and reset.shape != (B, T):
+            raise ValueError(f"reset.shape={tuple(reset.shape)} must equal tokens.shape={(B, T)}")
+        if reset is not None and not bool(reset.any()):
+            reset = None  # one check here rather than one per layer
         x = self.embed(tokens)  # (B, T, dim)
         layers = []
         for block, layer_state in zip(self.blocks, state.layers):
-            x, layer_state = block(x, layer_state, state.pos)
+            x, layer_state = block(x, layer_state, state.pos, reset)
             layers.append(layer_state)
         logits = self.head(self.norm(x))  # (B, T, vocab)
         return logits, State(layers, state.pos + T, weakref.ref(self))

@@ -19,6 +19,9 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}: {msg}")
 
 
+RESET_MEMORY = ("token", "chunk", "none")
+
+
 @dataclass
 class TrainConfig:
     """The training loop over windows of sequence chunks."""
@@ -28,8 +31,11 @@ class TrainConfig:
     backprop through the whole window)."""
     accumulate_windows: int = 1
     """Windows (batches) per optimiser step; gradients are accumulated without DDP sync in between."""
-    reset_on_doc_start: bool = True
-    """Reset a row's memory state before a chunk that begins a new document."""
+    reset_memory: str = "token"
+    """Where a row's memory restarts at a document start: `token` (default) at the document's first token, inside
+    a sequence chunk too, exactly as if the document ran alone (the memory op gets the positions); `chunk` only
+    before a sequence chunk that begins with a document (documents starting inside a chunk carry the previous
+    one's memory); `none` never. Attention is never reset (packed training without document masks)."""
     max_skipped_in_a_row: int = 10
     """A step whose loss or gradient norm is not finite is skipped; this many in a row stop the run."""
     seed: int = 1337
@@ -39,6 +45,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.tbptt_chunks >= 0, "train.tbptt_chunks", f"must be >= 0 (0 = n_chunks), got {self.tbptt_chunks}")
+        _check(self.reset_memory in RESET_MEMORY, "train.reset_memory",
+               f"must be one of {', '.join(RESET_MEMORY)}, got {self.reset_memory!r}")
         _check(self.accumulate_windows >= 1, "train.accumulate_windows", f"must be >= 1, got {self.accumulate_windows}")
         _check(self.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", "must be >= 1")
 

@@ -111,7 +111,7 @@ class TitansLitModule(L.LightningModule):
             scale=1.0 / accum,
             no_sync=self._no_sync,
             sync_last=last_window,
-            reset_on_doc_start=self.train_cfg.reset_on_doc_start,
+            reset_memory=self.train_cfg.reset_memory,
         )
         self._window_losses.append(losses)
         self.micro = (self.micro + 1) % accum
@@ -173,7 +173,7 @@ class TitansLitModule(L.LightningModule):
         n_chunks = (tokens.shape[1] - 1) // self.chunk_len
         losses = window_step(
             self.model, tokens, doc_start, chunk_len=self.chunk_len, tbptt_chunks=n_chunks, backward=None,
-            reset_on_doc_start=self.train_cfg.reset_on_doc_start,
+            reset_memory=self.train_cfg.reset_memory,
         )
         self._val_sum = losses if self._val_sum is None else self._val_sum + losses
         self._val_count += 1

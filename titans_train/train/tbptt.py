@@ -35,12 +35,13 @@ def window_step(
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
     sync_last: bool = True,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
-    reset_on_doc_start: bool = True,
+    reset_memory: str = "token",
 ) -> Tensor:
     """Forward (and backward, unless `backward` is None) over one window; returns the loss of each chunk.
 
     Args:
-        model: `model(tokens (B, T), state) -> (logits (B, T, V), state)`.
+        model: `model(tokens (B, T), state, reset (B, T) bool) -> (logits (B, T, V), state)` (`reset` only with
+            reset_memory="token").
         tokens: (B, n_chunks * chunk_len + 1) token ids; inputs are `tokens[:, :-1]`, targets `tokens[:, 1:]`.
         doc_start: (B, n_chunks * chunk_len + 1) bool, True where a document starts, or None.
         chunk_len: tokens per sequence chunk.
@@ -51,7 +52,8 @@ def window_step(
         sync_last: whether the window's final backward synchronises (False for a non-final accumulation
             window).
         autocast: context for the forward (bf16 autocast on GPU).
-        reset_on_doc_start: reset a row's memory state before a chunk whose first token starts a document.
+        reset_memory: "token": pass each chunk's document starts to the model (its memory restarts at the exact
+            token); "chunk": reset a row's state before a chunk whose first token starts a document; "none".
 
     Returns:
         (n_chunks,) detached (fp32 or fp64) mean cross-entropy of each chunk. The window loss given to `backward`
@@ -68,10 +70,15 @@ def window_step(
     losses = []
     for c in range(n_chunks):
         lo, hi = c * chunk_len, (c + 1) * chunk_len
-        if c > 0 and reset_on_doc_start and doc_start is not None and state is not None:
+        kw = {}
+        if reset_memory == "token" and doc_start is not None:
+            kw["reset"] = doc_start[:, lo:hi]
+            if c == 0:  # the window starts from a fresh state anyway
+                kw["reset"] = torch.cat([torch.zeros_like(kw["reset"][:, :1]), kw["reset"][:, 1:]], dim=1)
+        if c > 0 and reset_memory == "chunk" and doc_start is not None and state is not None:
             state = reset_rows(model, state, doc_start[:, lo])
         with autocast():
-            logits, state = model(inputs[:, lo:hi], state)  # (B, T, V)
+            logits, state = model(inputs[:, lo:hi], state, **kw)  # (B, T, V)
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()  # cross-entropy in fp32 under bf16 autocast
         loss = F.cross_entropy(logits.flatten(0, 1), targets[:, lo:hi].flatten())

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .chunk import memory_apply, memory_update_chunked
+from .documents import memory_update_documents
 from .naive import memory_update_reference
 
 __all__ = ["memory_update", "memory_update_reference", "memory_apply", "debug_checks", "set_debug"]
@@ -53,6 +54,9 @@ def memory_update(
     layer_norm: bool = True,
     compile: bool = False,
     impl: str = "auto",
+    reset: Tensor | None = None,
+    mask: Tensor | None = None,
+    initial: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Read and write a Titans neural memory over a sequence (chunked dual form, exact per token).
 
@@ -86,6 +90,13 @@ def memory_update(
             autograd; the path `compile=True` compiles, and the one used on GPUs and for channel-wise alpha), or
             "auto" ("cpu" where it applies and builds, unless compile=True; else "autograd"). All give the same
             results up to float rounding. "cpu" and "fused" are not twice differentiable.
+        reset: (B, T) bool, True at the first token of a document packed into the row: the state before that token
+            is (`initial`, zero momentum) and a memory chunk starts at it, so each document gives exactly what it
+            gives alone from the initial state (`documents.py`). Needs `initial`.
+        mask: (B, T) bool, False for absent tokens (padding): they neither read nor write the memory (output 0)
+            and the memory chunks are counted over the present tokens only.
+        initial: L tensors shaped like `weights` (the learned W_0 of each row); gradients reach them from every
+            reset.
 
     Returns:
         y: (B, H, T, D), retrieval of each token after its own update, in q's dtype.
@@ -104,6 +115,7 @@ def memory_update(
         torch.Size([1, 2, 10, 8])
     """
     _validate(q, k, v, theta, eta, alpha, weights, momentum, chunk_size)
+    _validate_documents(q, weights, reset, mask, initial)
     if _DEBUG:
         _check_values(q, k, v, theta, eta, alpha, weights, momentum)
     out_dtype = q.dtype
@@ -111,18 +123,36 @@ def memory_update(
     if theta.dim() == 3:
         theta = theta.unsqueeze(-1).expand(*theta.shape, len(weights))
     cast = lambda x: x.to(compute)  # noqa: E731
+    kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm, compile=compile, impl=impl)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        y, w_out, s_out = memory_update_chunked(
-            *map(cast, (q, k, v, theta, eta, alpha)),
-            tuple(map(cast, weights)),
-            tuple(map(cast, momentum)),
-            chunk_size=chunk_size,
-            residual=residual,
-            layer_norm=layer_norm,
-            compile=compile,
-            impl=impl,
-        )
+        args = (*map(cast, (q, k, v, theta, eta, alpha)), tuple(map(cast, weights)), tuple(map(cast, momentum)))
+        if reset is None and mask is None:
+            y, w_out, s_out = memory_update_chunked(*args, **kw)
+        else:
+            if reset is None:
+                reset = torch.zeros_like(mask)
+            initial = tuple(map(cast, initial)) if initial is not None else args[6]
+            y, w_out, s_out = memory_update_documents(*args, initial, reset, mask, **kw)
     return y.to(out_dtype), w_out, s_out
+
+
+def _validate_documents(q, weights, reset, mask, initial) -> None:
+    B, _, T, _ = q.shape
+    for name, x in (("reset", reset), ("mask", mask)):
+        if x is not None and (not isinstance(x, Tensor) or x.dtype != torch.bool or x.shape != (B, T)):
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a (B, T)={(B, T)} bool tensor, got {got}")
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name}.device={x.device} must equal q.device={q.device}")
+    if reset is not None and initial is None:
+        raise ValueError("reset needs initial (the weights a document starts from)")
+    if initial is not None:
+        if not isinstance(initial, (tuple, list)) or len(initial) != len(weights):
+            raise ValueError(f"initial must be a tuple of len(weights)={len(weights)} tensors")
+        for i, (w0, w) in enumerate(zip(initial, weights)):
+            if not isinstance(w0, Tensor) or w0.shape != w.shape:
+                got = tuple(w0.shape) if isinstance(w0, Tensor) else type(w0).__name__
+                raise ValueError(f"initial[{i}].shape={got} must equal weights[{i}].shape={tuple(w.shape)}")
 
 
 def _validate(q, k, v, theta, eta, alpha, weights, momentum, chunk_size) -> None:

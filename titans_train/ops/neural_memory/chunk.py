@@ -108,7 +108,8 @@ def channel_first_layer(q: Tensor, k: Tensor, theta1: Tensor, deta: Tensor, P: T
     """Channel-wise alpha: everything the first memory layer needs from its per-channel decay, for a few chunks.
 
     q, k, alpha: (BH, n, b, D); theta1 (the first layer's theta), P: (BH, n, b); deta: (BH, n, b, b), P and deta
-    from `chunk_coefficients`; last: (n,) the row of each chunk's last real token. Row r of W1 decays with
+    from `chunk_coefficients`; last: (BH, n) the row of each chunk's last real token (-1: the chunk hands its
+    state on unchanged, see `memory_update_chunked`). Row r of W1 decays with
     alpha[..., r]; with chunk-local indices and E1[i, l, r] = prod_{k=l+1..i} (1 - alpha_k[r]) (a segment sum of
     logs, like E):
       Bc1[i, r] = prod_{k<=i} (1 - alpha_k[r]),  F1[i, r] = sum_l E1[i, l, r] P_l,
@@ -131,8 +132,16 @@ def channel_first_layer(q: Tensor, k: Tensor, theta1: Tensor, deta: Tensor, P: T
     G1, F1 = (R.unsqueeze(-3) @ decay).split([b, 1], dim=-2)  # (BH, n, b_i, b_j, D), (BH, n, b_i, 1, D)
     F1 = F1.squeeze(-2)
     scores = (G1 * (q.unsqueeze(-2) * k.unsqueeze(-3))).sum(-1)  # (BH, n, b, b), lower triangular
-    rows = torch.arange(q.shape[1], device=q.device)
-    return Bc1 * q, F1 * q, scores, Bc1[:, rows, last], F1[:, rows, last], G1[:, rows, last] * k
+    Bc1_e, F1_e, G1_e = (_end_row(x, last, 2) for x in (Bc1, F1, G1))  # (BH, n, D), (BH, n, D), (BH, n, b, D)
+    keep = (last >= 0)[..., None]  # (BH, n, 1)
+    return (Bc1 * q, F1 * q, scores, torch.where(keep, Bc1_e, 1.0), torch.where(keep, F1_e, 0.0),
+            torch.where(keep[..., None], G1_e * k, 0.0))
+
+
+def _end_row(x: Tensor, last: Tensor, dim: int) -> Tensor:
+    """x[bh, n, ..., last[bh, n], ...] with the row index at `dim` (>= 2) removed; last (BH, n), -1 read as 0."""
+    idx = last.clamp_min(0).view(*last.shape, *([1] * (x.dim() - 2))).expand(*x.shape[:dim], 1, *x.shape[dim + 1:])
+    return x.gather(dim, idx).squeeze(dim)
 
 
 # Chunks per call of `channel_first_layer` so that its (BH, n, b, b, D) tensors stay about this many elements (a few
@@ -224,15 +233,21 @@ def memory_update_chunked(
     layer_norm: bool = True,
     compile: bool = False,
     impl: str = "auto",
+    last: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Validated-input implementation of `memory_update` (see `titans_train.ops.memory_update`).
 
     theta is (B, H, T, L) here (the wrapper expands a shared rate); alpha (B, H, T) or (B, H, T, D) (channel-wise,
     autograd step only). Computes in the dtype of q.
+
+    `last` (B, N), with T = N * chunk_size: per batch row, the chunk-local row of each chunk's last real token, or
+    -1 for a chunk without one; the state a chunk hands on is the one after that row (the tokens after it are
+    padding), and a -1 chunk hands its incoming state on unchanged. `documents.py` lays documents out with it.
+    Default: every chunk is full except the last (T need not be a multiple of chunk_size).
     """
     B, H, T, D = q.shape
     L = len(weights)
-    b = min(chunk_size, T)
+    b = min(chunk_size, T) if last is None else chunk_size
     N = -(-T // b)
     pad = N * b - T
     BH = B * H
@@ -248,13 +263,22 @@ def memory_update_chunked(
     channel = alpha.dim() == 4  # channel-wise alpha: layer 1 per channel, the later layers with the channel mean
     alpha_c = chunks(alpha)  # (BH, N, b) or (BH, N, b, D)
     c = chunk_coefficients(chunks(theta), chunks(eta, 1.0), alpha_c.mean(-1) if channel else alpha_c)
-    # The state a chunk hands on is the one after its last real token (row b-1, or T-1's row in the last chunk).
-    last = torch.full((N,), b - 1, dtype=torch.long, device=q.device)
-    last[-1] = (T - 1) - (N - 1) * b
-    rows = torch.arange(N, device=q.device)
-    end = {name: c[name][:, rows, last] for name in ("P", "Bc", "F")}  # (BH, N)
-    G_end = c["G"].transpose(2, 3)[:, rows, last]  # (BH, N, L, b)
-    S_end = c["deta"][:, rows, last].unsqueeze(-2) * chunks(theta).movedim(-1, -2)  # (BH, N, L, b)
+    # The state a chunk hands on is the one after its last real token (row b-1, or T-1's row in the last chunk);
+    # a chunk without one (last = -1) hands on its incoming state: identity coefficients P = Bc = 1, F = G = 0.
+    if last is None:
+        last = torch.full((N,), b - 1, dtype=torch.long, device=q.device)
+        last[-1] = (T - 1) - (N - 1) * b
+        last = last.expand(BH, N)
+    else:
+        if last.shape != (B, N) or N * b != T:
+            raise ValueError(f"last.shape={tuple(last.shape)} must be (B, N)={(B, N)} with T={T} = N * chunk_size")
+        last = last.repeat_interleave(H, dim=0)  # (BH, N)
+    keep = last >= 0
+    end = {name: torch.where(keep, _end_row(c[name], last, 2), 0.0 if name == "F" else 1.0)
+           for name in ("P", "Bc", "F")}  # (BH, N)
+    G_end = torch.where(keep[..., None, None], _end_row(c["G"], last, 3), 0.0)  # (BH, N, L, b)
+    S_end = torch.where(keep[..., None, None], _end_row(c["deta"], last, 2).unsqueeze(-2), 0.0) \
+        * chunks(theta).movedim(-1, -2)  # (BH, N, L, b)
 
     W = [w.reshape(BH, *w.shape[2:]) for w in weights]  # (BH, in, out)
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
@@ -307,7 +331,7 @@ def _channel_terms(qc, kc, theta1, deta, P, alpha, last) -> list[tuple[Tensor, .
     into one tuple per chunk for `chunk_step`'s `first`."""
     BH, N, b, D = qc.shape
     group = max(1, CHANNEL_GROUP_ELEMENTS // (BH * b * b * D))
-    parts = [x.split(group, dim=1) for x in (qc, kc, theta1, deta, P, alpha)] + [last.split(group)]
+    parts = [x.split(group, dim=1) for x in (qc, kc, theta1, deta, P, alpha, last)]
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (qc, kc, theta1, deta, P, alpha))
     outs = []
     for args in zip(*parts):

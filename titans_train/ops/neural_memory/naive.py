@@ -38,8 +38,15 @@ def memory_update_reference(
     chunk_size: int = 16,
     residual: bool = True,
     layer_norm: bool = True,
+    reset: Tensor | None = None,
+    mask: Tensor | None = None,
+    initial: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Token loop with `torch.func.grad`; same signature and meaning as `memory_update`.
+
+    With `reset` / `mask` (documents packed in a row): each row's present tokens are cut into documents at the
+    resets and each document runs alone through this loop, from `initial` and zero momentum (the row's first
+    document, unless it starts with a reset, from the given state); the outputs are put back in place.
 
     For every token t: u_t = grad_W ||M_{W_anchor}(k_t) - v_t||^2 (anchor = weights at the start of t's chunk,
     chunks aligned to t = 0), S_t = eta_t S_{t-1} - theta_t u_t, W_t = (1 - alpha_t) W_{t-1} + S_t,
@@ -49,6 +56,9 @@ def memory_update_reference(
     channel r, the key/query feature r) decays with alpha_t[r], W1_t = diag(1 - alpha_t) W1_{t-1} + S1_t, and every
     later layer with the channel mean alpha_t.mean(-1).
     """
+    if reset is not None or mask is not None:
+        return _by_document(q, k, v, theta, eta, alpha, weights, momentum, reset, mask, initial,
+                            chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
     n_layers = len(weights)
     T = q.shape[2]
     if theta.dim() == 3:
@@ -76,3 +86,29 @@ def memory_update_reference(
             W[i] = keep[i][:, :, t] * W[i] + S[i]
         ys.append(memory_forward(W, q[:, :, t], residual, layer_norm))
     return torch.stack(ys, dim=2), tuple(W), tuple(S)
+
+
+def _by_document(q, k, v, theta, eta, alpha, weights, momentum, reset, mask, initial, **kw):
+    B, H, T, D = q.shape
+    y = q.new_zeros(B, H, T, D)
+    W_out, S_out = [], []
+    for r in range(B):
+        present = torch.ones(T, dtype=torch.bool) if mask is None else mask[r].cpu()
+        starts = torch.zeros(T, dtype=torch.bool) if reset is None else reset[r].cpu() & present
+        tokens = torch.nonzero(present).flatten().tolist()
+        docs = []  # lists of token indices
+        for t in tokens:
+            if starts[t] or not docs:
+                docs.append([bool(starts[t])])
+            docs[-1].append(t)
+        W = tuple(w[r : r + 1] for w in weights)
+        S = tuple(s[r : r + 1] for s in momentum)
+        for is_reset, *idx in docs:
+            if is_reset:
+                W, S = tuple(w0[r : r + 1] for w0 in initial), tuple(torch.zeros_like(s) for s in S)
+            pick = lambda x: x[r : r + 1, :, idx]  # noqa: E731
+            y_doc, W, S = memory_update_reference(*map(pick, (q, k, v, theta, eta, alpha)), W, S, **kw)
+            y[r, :, idx] = y_doc[0]
+        W_out.append(W)
+        S_out.append(S)
+    return y, tuple(map(torch.cat, zip(*W_out))), tuple(map(torch.cat, zip(*S_out)))
