@@ -10,11 +10,12 @@ Three parts (`--parts`):
             MAG and LMM; and the same for 16K tokens, whose peak RSS is the reference.
   generate  time per generated token (32 tokens, greedy, through the state) after a 512- and a 32K-token prompt.
 
-Every measurement runs in its own subprocess, so its peak memory is its own: "peak MiB" is the growth of the
-process's max RSS (`ru_maxrss`) over its RSS after building the model (and optimizer) and one warm-up step on
-min(T, 512) tokens, i.e. what the sequence length adds; for `stream` also the absolute max RSS. The machine's load
-(os.getloadavg) is printed with every result. Results: a table on stdout, `--out` JSON, and a log-log PNG of
-tokens/s and peak memory against T (matplotlib, in the `bench` extra).
+Every measurement runs in its own subprocess (so its peak memory is its own) with the CPU runtime defaults that
+`titans-train` sets (`titans_train.cli.cpu_runtime_defaults`: OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1)
+unless the environment sets them. "peak MiB" is the growth of the process's max RSS (`ru_maxrss`) over its RSS
+after building the model (and optimizer) and one warm-up step on min(T, 512) tokens: what the length adds;
+for `stream` also the absolute max RSS. The machine's load (os.getloadavg) is printed with every result. Results:
+a table on stdout, `--out` JSON, and a log-log PNG of tokens/s and peak memory against T (matplotlib, `bench`).
 
     python benchmarks/model_throughput.py                                  # everything, ~1 h on 2 cores
     python benchmarks/model_throughput.py --parts train --T 1024 2048 --variants mag transformer --rounds 3
@@ -32,6 +33,8 @@ import sys
 import time
 
 import torch
+
+from titans_train.cli import cpu_runtime_defaults
 
 OURS = ["transformer", "lmm", "mag", "mal", "mac"]
 TITANS_PYTORCH = ["tp_mac144", "tp_mac16"]
@@ -152,7 +155,8 @@ def spawn(part: str, case: str, T: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child-part", part, "--child-case", case, "--child-T", str(T),
            "--threads", str(args.threads), "--dim", str(args.dim), "--layers", str(args.layers),
            "--heads", str(args.heads), "--piece", str(args.piece)]
-    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    env = dict(os.environ)
+    cpu_runtime_defaults(env)  # what `titans-train` sets: passive OpenMP wait, huge pages for large tensors
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:  # killed (OOM) or crashed
