@@ -142,10 +142,11 @@ def dense_window_reference(q, k, v, window, prefix, q_start, kv_start):
 
 
 # (T queries, window, persistent P, cached keys before the queries, block): T a multiple of the window or not,
-# T < window, window 1, a cache shorter than / equal to window - 1, keys starting at the stream's start, blocks
-# smaller than the window and not dividing it.
+# T < window, window 1, a cache shorter than / equal to / longer than window - 1 (keys no query sees), keys
+# starting at the stream's start, blocks smaller than the window and not dividing it.
 SWA_CASES = [(64, 16, 0, 0, None), (100, 16, 3, 0, None), (37, 8, 2, 7, None), (5, 16, 4, 15, None),
-             (5, 16, 0, 3, None), (1, 16, 2, 15, None), (29, 1, 2, 0, None), (63, 10, 3, 9, 4), (40, 12, 0, 5, 7)]
+             (5, 16, 0, 3, None), (1, 16, 2, 15, None), (7, 4, 1, 10, None), (29, 1, 2, 0, None),
+             (63, 10, 3, 9, 4), (40, 12, 0, 5, 7)]
 
 
 @pytest.mark.parametrize("T,window,P,n_cached,block", SWA_CASES,
