@@ -1,14 +1,19 @@
-"""Attention masks, RoPE, RMSNorm, SwiGLU and the attention layer (streaming with a cache == one call)."""
+"""Attention masks, RoPE, RMSNorm, SwiGLU, blockwise sliding-window attention against the dense masked reference,
+and the attention layer (streaming with a cache == one call == the dense reference; no (T, T) mask built)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import titans_train.layers.attention as attention_module
+from titans_train.config import ModelConfig
 from titans_train.layers.attention import Attention, attention
+from titans_train.models import build_model
 from titans_train.layers.mlp import SwiGLU
 from titans_train.layers.norm import RMSNorm
 from titans_train.layers.rope import apply_rope, rope_cos_sin
 from titans_train.ops.attention_masks import mac_mod, materialize, sliding_window_mod
+from titans_train.ops.sliding_window import sliding_window_attention
 
 TOL = 1e-12  # float64
 
@@ -125,3 +130,80 @@ def test_flex_equals_sdpa_on_gpu(kind):
     sdpa = attention(q, k, v, mod, backend="sdpa")
     flex = attention(q, k, v, mod, backend="flex", mask_key=("test", kind))
     assert (sdpa - flex).abs().max() < 2e-3
+
+
+def dense_window_reference(q, k, v, window, prefix, q_start, kv_start):
+    """SDPA over [prefix || k] with the materialised (Tq, P + Tk) mask: the specification of the blockwise op."""
+    P = 0 if prefix is None else prefix[0].shape[2]
+    if prefix is not None:
+        k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+    mask = materialize(sliding_window_mod(window, n_prefix=P, q_start=q_start, kv_start=kv_start), q.shape[2], k.shape[2])
+    return naive_attention(q, k, v, mask)
+
+
+# (T queries, window, persistent P, cached keys before the queries, block): T a multiple of the window or not,
+# T < window, window 1, a cache shorter than / equal to / longer than window - 1 (keys no query sees), keys
+# starting at the stream's start, blocks smaller than the window and not dividing it.
+SWA_CASES = [(64, 16, 0, 0, None), (100, 16, 3, 0, None), (37, 8, 2, 7, None), (5, 16, 4, 15, None),
+             (5, 16, 0, 3, None), (1, 16, 2, 15, None), (7, 4, 1, 10, None), (29, 1, 2, 0, None),
+             (63, 10, 3, 9, 4), (40, 12, 0, 5, 7)]
+
+
+@pytest.mark.parametrize("T,window,P,n_cached,block", SWA_CASES,
+                         ids=[f"T{c[0]}-w{c[1]}-P{c[2]}-cache{c[3]}-block{c[4]}" for c in SWA_CASES])
+def test_sliding_window_attention_equals_dense_reference(T, window, P, n_cached, block):
+    torch.manual_seed(0)
+    pos = 50  # stream position of the first query; the cache holds the n_cached tokens before it
+    q = torch.randn(2, 3, T, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, n_cached + T, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    prefix = tuple(torch.randn(2, 3, P, 8, dtype=torch.float64, requires_grad=True) for _ in range(2)) if P else None
+    inputs = [q, k, v] + (list(prefix) if P else [])
+    out = sliding_window_attention(q, k, v, window, prefix=prefix, q_start=pos, kv_start=pos - n_cached, block=block)
+    ref = dense_window_reference(q, k, v, window, prefix, pos, pos - n_cached)
+    assert (out - ref).abs().max() <= TOL
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert (a - b).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("n_persistent", [0, 3])
+def test_windowed_layer_equals_dense_reference_and_decodes_token_by_token(n_persistent):
+    torch.manual_seed(0)
+    layer = Attention(32, 4, window=6, n_persistent=n_persistent).double()
+    torch.nn.init.normal_(layer.wqkv.weight, std=0.3)
+    if layer.persistent is not None:
+        torch.nn.init.normal_(layer.persistent)
+    x = torch.randn(2, 23, 32, dtype=torch.float64, requires_grad=True)
+    full, _ = layer(x)
+    q, k, v = layer.qkv(x, torch.arange(23))
+    ref = layer._out(dense_window_reference(q, k, v, 6, layer.persistent_kv(2), 0, 0))
+    assert (full - ref).abs().max() <= TOL
+    g = torch.randn_like(full)
+    params = [x] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad(full, params, g), torch.autograd.grad(ref, params, g)):
+        assert (a - b).abs().max() <= TOL
+    cache, outs = None, []
+    for t in range(23):
+        y, cache = layer(x[:, t:t + 1], cache, t)
+        outs.append(y)
+    assert (torch.cat(outs, 1) - full).abs().max() <= TOL
+
+
+def test_no_sequence_sized_mask_in_sliding_window_or_mac(monkeypatch):
+    """MAG's sliding-window attention builds no dense mask at all; MAC's masks are bounded by one segment, not T."""
+    shapes = []
+    real = attention_module.materialize
+
+    def recording(mod, q_len, kv_len, device=None):
+        shapes.append((q_len, kv_len))
+        return real(mod, q_len, kv_len, device)
+
+    monkeypatch.setattr(attention_module, "materialize", recording)
+    common = dict(vocab_size=61, dim=32, n_layers=2, heads=4, max_seq_len=512, window=16, n_persistent=3,
+                  segment_len=32, mac_memory_tokens=16, memory=dict(chunk_size=4))
+    toks = torch.randint(0, 61, (1, 300))
+    with torch.no_grad():
+        build_model(ModelConfig(variant="mag", **common))(toks)
+        assert shapes == []
+        build_model(ModelConfig(variant="mac", **common))(toks)
+    assert shapes and max(q for q, _ in shapes) <= 32 and max(kv for _, kv in shapes) <= 3 + 16 + 32

@@ -9,10 +9,11 @@ Persistent memory (TITANS.md section 1): `n_persistent` learned tokens per layer
 key/value maps and put in front of every query's context. Their keys get no rotary embedding: they have no
 position, and like attention sinks they are equally reachable from every position.
 
-Backends: `scaled_dot_product_attention` with the boolean mask of `ops.attention_masks` (any device), or flex
-attention with the same mask function (CUDA, compiled, skips fully masked blocks; used by `auto` for masked
-attention of at least `FLEX_MIN_QUERIES` queries). Plain causal attention without prefix or cache uses SDPA's
-`is_causal` (flash kernels).
+Backends: sliding-window attention runs blockwise (`ops.sliding_window`: O(T x window) compute and memory,
+SDPA on any device), or as flex attention (CUDA, compiled, skips fully masked blocks; `auto` uses it on CUDA for
+at least `FLEX_MIN_QUERIES` queries). Full causal attention without prefix or cache uses SDPA's `is_causal`
+(flash kernels); with a prefix or a cache, and MAC's segment attention (whose keys are bounded by the segment),
+SDPA with the boolean mask of `ops.attention_masks`. All evaluate the same mask functions.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from titans_train.layers.rope import apply_rope, rope_cos_sin
 from titans_train.layers.state import KVCache
 from titans_train.ops.attention_masks import MaskMod, materialize, sliding_window_mod
+from titans_train.ops.sliding_window import sliding_window_attention
 
 FLEX_MIN_QUERIES = 128
 _BLOCK_MASKS: OrderedDict = OrderedDict()  # (mask key, q_len, kv_len, device) -> flex BlockMask, small LRU
@@ -41,6 +43,10 @@ def _flex_attention():
     return _FLEX
 
 
+def _use_flex(q: Tensor, backend: str, is_causal: bool) -> bool:
+    return q.is_cuda and (backend == "flex" or (backend == "auto" and not is_causal and q.shape[2] >= FLEX_MIN_QUERIES))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask_mod: MaskMod, *, mask_key: tuple | None = None,
               is_causal: bool = False, backend: str = "auto") -> Tensor:
     """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, H, Tq, D).
@@ -50,8 +56,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask_mod: MaskMod, *, mask_key: t
     its block mask; without it flex rebuilds the block mask each call.
     """
     tq, tk = q.shape[2], k.shape[2]
-    use_flex = q.is_cuda and (backend == "flex" or (backend == "auto" and not is_causal and tq >= FLEX_MIN_QUERIES))
-    if use_flex:
+    if _use_flex(q, backend, is_causal):
         from torch.nn.attention.flex_attention import create_block_mask
 
         key = None if mask_key is None else (mask_key, tq, tk, q.device)
@@ -107,9 +112,11 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask_mod: MaskMod, *, mask_key: tuple | None = None,
                is_causal: bool = False) -> Tensor:
         """Attention then output projection: q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, Tq, dim)."""
-        y = attention(q, k, v, mask_mod, mask_key=mask_key, is_causal=is_causal, backend=self.backend)
+        return self._out(attention(q, k, v, mask_mod, mask_key=mask_key, is_causal=is_causal, backend=self.backend))
+
+    def _out(self, y: Tensor) -> Tensor:
         B, H, T, D = y.shape
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, dim)
 
     def cache_len(self) -> int | None:
         """How many past tokens a later token can still see (None: all of them)."""
@@ -131,22 +138,14 @@ class Attention(nn.Module):
         new_cache = KVCache(k, v) if keep is None else KVCache(k[:, :, k.shape[2] - min(keep, k.shape[2]):],
                                                                   v[:, :, v.shape[2] - min(keep, v.shape[2]):])
         prefix = self.persistent_kv(B)
+        n_prefix = self.n_persistent
+        plain_causal = n_prefix == 0 and n_cached == 0 and (self.window is None or self.window >= T)
+        if self.window is not None and not plain_causal and not _use_flex(q, self.backend, False):
+            y = sliding_window_attention(q, k, v, self.window, prefix=prefix, q_start=pos, kv_start=pos - n_cached)
+            return self._out(y), new_cache
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-        n_prefix = self.n_persistent
         mod = sliding_window_mod(self.window, n_prefix=n_prefix, q_start=pos, kv_start=pos - n_cached)
         # The mask depends only on the relative layout, so this key is the same for every training chunk.
         mask_key = ("window", self.window, n_prefix, n_cached)
-        window_covers = self.window is None or self.window >= T
-        plain_causal = n_prefix == 0 and n_cached == 0 and window_covers
-        y = self.attend(q, k, v, mod, mask_key=mask_key, is_causal=plain_causal)
-        return y, new_cache
-
-
-def init_attention_(module: Attention, std: float, out_std: float) -> None:
-    """Normal init of the projections (output projection with `out_std`) and the persistent tokens."""
-    nn.init.normal_(module.wqkv.weight, std=std)
-    nn.init.normal_(module.wo.weight, std=out_std)
-    if module.persistent is not None:
-        nn.init.normal_(module.persistent, std=std)
-
+        return self.attend(q, k, v, mod, mask_key=mask_key, is_causal=plain_causal), new_cache
