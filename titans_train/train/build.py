@@ -13,6 +13,7 @@ from titans_train.cli import UserError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = REPO_ROOT / "recipes"
 DEFAULT_RECIPE = RECIPES / "tiny.yaml"
+BUILTIN_DATA = "data/builtin"  # where the tiny recipes read the built-in corpus (prepared there when missing)
 
 
 def split_recipe_args(recipe: str | None, overrides: list[str]) -> tuple[str, list[str]]:

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from titans_train.train.module import TrainingDiverged
 
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
-    B.ensure_data(recipe, prepare_builtin=recipe_path == str(B.DEFAULT_RECIPE))  # the default run needs no setup
+    # The default run and the tiny recipes (data.path = data/builtin) need no setup: the corpus is prepared there.
+    B.ensure_data(recipe, prepare_builtin=recipe_path == str(B.DEFAULT_RECIPE) or recipe.data.path == B.BUILTIN_DATA)
     model = B.build_model(recipe)
     datamodule = B.build_datamodule(recipe)
 
