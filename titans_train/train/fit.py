@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
             run_id = meta.get("wandb_run_id")
             print(f"resuming from {ckpt_path}", flush=True)
 
+    if ckpt_path is None and recipe.train.init_from:  # a new stage: weights from an earlier run, all else fresh
+        B.init_from_checkpoint(recipe, resolved, model)
+        print(f"initialised the model from {recipe.train.init_from}", flush=True)
     lit = B.lit_module(recipe, resolved, model)
     trainer = build_trainer(recipe, yaml_text, resolved, lit, run_id=run_id, dry_run=args.dry_run,
                             fresh=ckpt_path is None)
