@@ -68,7 +68,7 @@ def measure(data: Path, args) -> dict:
         n_batches += 1
     dt = time.perf_counter() - t0
     tokens = n_batches * args.batch_size * (L1 - 1)  # predicted tokens (targets)
-    epochs = int(stream.state_dict()["cursors"][0][0])
+    epochs = min(lane[0] for lane in stream.state_dict()["cursors"][0])  # epochs every lane of stream 0 finished
     return {"tokens_per_s": tokens / dt, "batches": n_batches, "seconds": dt, "epochs_done": epochs,
             "docs": m.data["splits"]["train"]["docs"], "tokens": m.data["splits"]["train"]["tokens"]}
 

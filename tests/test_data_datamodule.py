@@ -92,6 +92,21 @@ def test_two_ranks_state_dict_and_world_size_check(data_dir):
         other.load_state_dict(state)
 
 
+def test_position_of_another_format_or_batch_size_is_refused(data_dir):
+    """A data position saved by the one-cursor-per-stream format (version 1), or with another data.batch_size,
+    cannot continue the data exactly: one-line errors that say what to do."""
+    dm = TitansDataModule(cfg(data_dir, num_workers=1), rank=0, world_size=1)
+    dm.setup("fit")
+    state = dm.state_dict()
+    assert state["version"] == 2 and torch.tensor(state["ranks"][0]["cursors"]).shape == (1, 2, 6)
+    with pytest.raises(DataError, match="train.init_from"):
+        dm.load_state_dict({**state, "version": 1})
+    wider = TitansDataModule(cfg(data_dir, num_workers=1, batch_size=3), rank=0, world_size=1)
+    wider.setup("fit")
+    with pytest.raises(DataError, match="data.batch_size=3"):
+        wider.load_state_dict(state)
+
+
 def test_tokenizer_of_recipe_must_match_manifest(data_dir, tmp_path):
     assert main(["prepare", "builtin", "--out", str(tmp_path / "bpe"), "--limit", "20", "--train-tokenizer", "300",
                  "--no-progress"]) == 0

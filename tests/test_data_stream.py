@@ -1,8 +1,9 @@
 """Streaming pipeline: packing, coverage per epoch across ranks and workers, exact resume, bad shards.
 
 Everything runs for real: a corpus prepared with `titans-train prepare` into webdataset tar shards, read with
-`webdataset.WebDataset` in real DataLoader worker processes. Sizes are odd on purpose (window 65, batch 3,
-shuffle blocks of 7 documents) so windows straddle documents, blocks, shards and epochs.
+`webdataset.WebDataset` in real DataLoader worker processes. Sizes are odd on purpose (window 65, batch 3 rows =
+lanes, shuffle blocks of 7 documents: not a multiple of 3) so windows straddle documents, blocks, shards and
+epochs, and a lane's positions move within the blocks.
 """
 
 import json
@@ -83,15 +84,16 @@ def take(stream, loader, n):
 
 
 def unpack(batches):
-    """{stream: (tokens, doc_start)} reassembled from overlapping windows (stride L, one shared token)."""
+    """{(stream, row): (tokens, doc_start)}: each lane reassembled from its overlapping windows (row r of every
+    batch of a stream; stride L, one shared token)."""
     per = {}
     for b in batches:
-        for t, m in zip(b["tokens"], b["doc_start"]):
-            per.setdefault(int(b["stream"]), []).append((t.numpy(), m.numpy()))
+        for r, (t, m) in enumerate(zip(b["tokens"], b["doc_start"])):
+            per.setdefault((int(b["stream"]), r), []).append((t.numpy(), m.numpy()))
     out = {}
     for s, ws in per.items():
         for (t0, _), (t1, _) in zip(ws, ws[1:]):
-            assert t0[-1] == t1[0], "consecutive windows of a stream share one token"
+            assert t0[-1] == t1[0], "consecutive windows of a lane share one token"
         toks = np.concatenate([ws[0][0]] + [t[1:] for t, _ in ws[1:]])
         mask = np.concatenate([ws[0][1]] + [m[1:] for _, m in ws[1:]])
         out[s] = (toks, mask)
@@ -103,14 +105,15 @@ def test_batch_layout(corpus):
     b = next(iter(dl))
     assert b["tokens"].shape == (BATCH, WINDOW) and b["tokens"].dtype == torch.int64
     assert b["doc_start"].shape == (BATCH, WINDOW) and b["doc_start"].dtype == torch.bool
-    assert b["cursor"].shape == (6,) and int(b["stream"]) == 0
-    assert b["doc_start"][0, 0], "the stream starts with a document"
+    assert b["cursor"].shape == (BATCH, 6) and int(b["stream"]) == 0
+    assert b["doc_start"][:, 0].all(), "every lane starts with a document"
 
 
 @pytest.mark.parametrize("num_workers", [1, 2], ids=["workers1", "workers2"])
 def test_every_document_once_per_epoch_across_ranks_and_workers(corpus, num_workers):
-    """2 ranks x `num_workers`: in epoch 0 every train document appears exactly once over all streams, whole and
-    in order, followed by EOS; doc_start is True exactly at the first token of each document."""
+    """2 ranks x `num_workers` x 3 lanes: in epoch 0 every train document appears exactly once over all lanes of
+    all streams, whole and in order, followed by EOS; doc_start is True exactly at the first token of each
+    document. Lane r of a stream holds the documents at positions r, r + 3, ... of the stream's epoch order."""
     path, train_docs, _ = corpus
     world = 2
     seen = Counter()
@@ -120,13 +123,14 @@ def test_every_document_once_per_epoch_across_ranks_and_workers(corpus, num_work
         for b in dl:  # until every stream of this rank has moved past epoch 0
             s.commit(b)
             batches.append(b)
-            if int(b["cursor"][0]) >= 1:
+            if bool((b["cursor"][:, 0] >= 1).all()):  # every lane of this stream is past epoch 0
                 done.add(int(b["stream"]))
             if len(done) == s.n_local:
                 break
-        for w, (toks, mask) in unpack(batches).items():
+        for (w, r), (toks, mask) in unpack(batches).items():
             g = rank * s.n_local + w
-            n_docs = sum(sh.docs for sh in s.epoch_shards(0, g))
+            n_stream = sum(sh.docs for sh in s.epoch_shards(0, g))
+            n_docs = len(range(r, n_stream, BATCH))
             ends = np.flatnonzero(toks == EOS)
             assert len(ends) >= n_docs
             starts = np.concatenate([[0], ends[:-1] + 1])
@@ -153,7 +157,7 @@ def test_resume_equals_uninterrupted(corpus, num_workers, k):
         ref = take(s, it, k)
         state = s.state_dict()
         ref += take(s, it, m_after)  # the same iterator: the uninterrupted run goes on
-        assert max(int(b["cursor"][0]) for b in ref) >= 1, "the comparison crosses an epoch boundary"
+        assert max(int(b["cursor"][:, 0].max()) for b in ref) >= 1, "the comparison crosses an epoch boundary"
         del dl
         s2, dl2 = make(path, rank=rank, world_size=2, num_workers=num_workers, slow=True)
         s2.load_state_dict(state)
@@ -193,6 +197,55 @@ def test_persistent_workers_restart_from_committed_batches(corpus):
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(ref, got)) and len(got) == 21
 
 
+def test_rows_of_a_batch_come_from_different_documents(corpus):
+    """No document is shared by two rows of a batch (with one stream per batch, consecutive windows of one stream
+    would share the documents longer than a window, which are most of this corpus's)."""
+    path = corpus[0]
+    s, dl = make(path, num_workers=2)
+    batches = take(s, dl, 40)
+    doc_of = {}  # (stream, row) -> per-token document content (tokens of the document the token belongs to)
+    for key, (toks, _) in unpack(batches).items():
+        ends = np.flatnonzero(toks == EOS)
+        starts = np.concatenate([[0], ends + 1])
+        ids = np.zeros(len(toks), dtype=np.int64)
+        ids[starts[1:][starts[1:] < len(toks)]] = 1
+        ids = np.cumsum(ids)
+        docs = [tuple(toks[a:e].tolist()) for a, e in zip(starts, np.concatenate([ends, [len(toks)]]))]
+        doc_of[key] = [docs[i] for i in ids]
+    seen = {key: 0 for key in doc_of}
+    shared = 0
+    for b in batches:
+        w = int(b["stream"])
+        L = b["tokens"].shape[1] - 1
+        rows = []
+        for r in range(BATCH):
+            i = seen[(w, r)]
+            rows.append({d for d in doc_of[(w, r)][i * L : i * L + L + 1] if len(d) >= 3})  # skip tiny docs
+            seen[(w, r)] += 1
+        for r in range(BATCH):
+            for q in range(r):
+                shared += len(rows[r] & rows[q])
+    assert shared == 0, f"{shared} documents shared between rows of a batch"
+    # the old layout (consecutive windows of one stream as rows) would share one in most batches
+    one_stream = [t for b in batches for t in b["tokens"][:1]]
+    assert sum(int(a[-1] != EOS) for a in one_stream[:-1]) > len(one_stream) // 2, "documents span windows"
+
+
+def test_batch_size_is_part_of_the_position(corpus):
+    """A saved position continues only with as many rows per batch; a stream with fewer documents than rows is an
+    error naming data.batch_size."""
+    path = corpus[0]
+    s, dl = make(path)
+    take(s, dl, 2)
+    other = PackedStream(Manifest(path), "train", window_len=WINDOW, batch_size=BATCH + 1)
+    with pytest.raises(DataError, match="data.batch_size=4"):
+        other.load_state_dict(s.state_dict())
+    n = len(Manifest(path).shards("train"))
+    few = PackedStream(Manifest(path), "train", window_len=WINDOW, batch_size=60, world_size=n, shuffle_buffer=0)
+    with pytest.raises(DataError, match="fewer documents in epoch 0 than data.batch_size=60"):
+        next(iter(few))
+
+
 def test_seed_and_shuffle_change_order(corpus):
     path = corpus[0]
     a = take(*make(path, seed=3), 4)
@@ -204,6 +257,8 @@ def test_seed_and_shuffle_change_order(corpus):
     first = Manifest(path).shards("train")[0]
     doc0 = next(iter_shard(first))
     assert plain["tokens"][0, : min(len(doc0), WINDOW)].tolist() == doc0[:WINDOW].tolist()
+    doc1 = list(iter_shard(first))[1]  # lane 1 starts with the stream's second document
+    assert plain["tokens"][1, : min(len(doc1), WINDOW)].tolist() == doc1[:WINDOW].tolist()
 
 
 def test_validation_stream_same_batches_on_every_rank(corpus):

@@ -18,13 +18,13 @@ from titans_train.data.config import DataConfig
 from titans_train.data.shards import DataError, Manifest
 from titans_train.data.stream import PackedStream, ValStream
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: one cursor per lane (batch row) of every stream; 1 had one per stream
 log = logging.getLogger(__name__)
 
 
 class TitansDataModule(L.LightningDataModule):
     """Batches are dicts: tokens (B, L+1) int64, doc_start (B, L+1) bool; training batches also carry
-    `cursor` (6,) and `stream` () for resume. Inputs are tokens[:, :-1], targets tokens[:, 1:]; sequence chunk
+    `cursor` (B, 6) and `stream` () for resume; row r of every batch continues lane r of its stream. Inputs are tokens[:, :-1], targets tokens[:, 1:]; sequence chunk
     `c` is columns [c * chunk_len, (c + 1) * chunk_len) of both.
 
     Args:
@@ -76,7 +76,7 @@ class TitansDataModule(L.LightningDataModule):
         nw = self.cfg.num_workers
         return DataLoader(
             dataset,
-            batch_size=None,  # the streams batch (one batch = windows of one stream)
+            batch_size=None,  # the streams batch (one batch = one window of each lane of one stream)
             num_workers=nw,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.cfg.persistent_workers and nw > 0,
@@ -127,6 +127,12 @@ class TitansDataModule(L.LightningDataModule):
             return
         self._pending_state = None
         rank, world = self._ranks()
+        if state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"the checkpoint's data position has format version {state.get('version')}, this titans-train reads "
+                f"{STATE_VERSION} (one cursor per batch row): it cannot continue that data exactly; start a new run "
+                "from its weights with train.init_from=<checkpoint>"
+            )
         if (state["world_size"], state["num_workers"]) != (world, self.cfg.num_workers):
             regrouped = regroup_streams(state, world, self.cfg.num_workers)  # same streams, split otherwise
             if regrouped is None:

@@ -5,24 +5,30 @@ Streams. Each rank runs `num_workers` DataLoader workers (at least one stream pe
 `world_size * num_workers` takes every `n`-th of them (split by node, then by worker). Each stream runs through
 its epochs on its own, so within any stream's epoch `e` the union over streams is every shard exactly once.
 
+Rows. A batch of `batch_size` rows is cut from `batch_size` *lanes* of one stream: lane `r` takes the documents
+at positions `r, r + B, r + 2B, ...` of the stream's epoch order and packs them on its own, and row `r` of every
+batch continues lane `r`. So the rows of a batch come from different documents (consecutive windows of one lane
+would share a document), and within a stream's epoch the union over its lanes is every document exactly once.
+Each lane reads the stream's shards itself (parsing B times, keeping only its own documents).
+
 Shuffling. A stream reads its documents in blocks of `shuffle_buffer` consecutive documents and emits each
 block in a permutation seeded by (seed, epoch, stream, block): a sample buffer emptied in blocks. Compared with
-webdataset's reservoir buffer it mixes as far and keeps the resume cursor to six integers.
+webdataset's reservoir buffer it mixes as far and keeps the resume cursor to six integers per lane.
 
-Packing. Documents are joined with EOS after each document; windows of `L + 1` tokens are cut with stride `L`
-(the last token of a window is the first of the next), so every token of the stream is a target exactly once.
-`doc_start[t]` is True where token `t` is the first token of a document. Nothing is dropped or padded in the
+Packing. A lane joins its documents with EOS after each document; windows of `L + 1` tokens are cut with stride
+`L` (the last token of a window is the first of the lane's next), so every token of the lane is a target exactly
+once. `doc_start[t]` is True where token `t` is the first token of a document. Nothing is dropped or padded in the
 infinite training stream; the validation stream drops its tail (less than one batch of windows per stream).
 
-Exact resume. A batch carries `cursor`: the six integers (epoch, block, block's first shard, block's first
-document in that shard, position in the block, token offset in that document) at which its stream continues,
-and `stream`, the stream's index on this rank. `PackedStream.commit(batch)` records them when a batch is *used*
-(the DataModule does it in `on_before_batch_transfer`, which Lightning runs for the batch it trains on, not for
-the one it prefetched). Because the DataLoader takes batches from its workers round-robin in order, after `k`
-committed batches the next batch comes from stream `k % num_workers`; a resumed loader lets its worker `j` play
-stream `(j + k) % num_workers`, so it yields exactly the batches an uninterrupted run would have. The committed
-cursors live in shared memory that each worker reads when it (re)starts iterating, so persistent workers that
-restart an epoch of the loader resume from what was trained on, not from what they had prefetched.
+Exact resume. A batch carries `cursor` (B, 6): per lane the six integers (epoch, block, block's first shard,
+block's first document in that shard, position in the block, token offset in that document) at which the lane
+continues, and `stream`, the stream's index on this rank. `PackedStream.commit(batch)` records them when a batch
+is *used* (the DataModule does it in `on_before_batch_transfer`, which Lightning runs for the batch it trains on,
+not for the one it prefetched). Because the DataLoader takes batches from its workers round-robin in order, after
+`k` committed batches the next batch comes from stream `k % num_workers`; a resumed loader lets its worker `j`
+play stream `(j + k) % num_workers`, so it yields exactly the batches an uninterrupted run would have. The
+committed cursors live in shared memory that each worker reads when it (re)starts iterating, so persistent
+workers that restart an epoch of the loader resume from what was trained on, not from what they had prefetched.
 """
 
 from __future__ import annotations
@@ -87,14 +93,14 @@ class _Packer:
 
 
 class PackedStream(IterableDataset):
-    """Infinite training stream of batches {tokens (B, L+1) int64, doc_start (B, L+1) bool, cursor (6,),
-    stream ()} for one rank; see the module docstring for the order, the cursor and exact resume.
+    """Infinite training stream of batches {tokens (B, L+1) int64, doc_start (B, L+1) bool, cursor (B, 6),
+    stream ()} for one rank; see the module docstring for the order, the lanes, the cursor and exact resume.
 
     Args:
         manifest: the prepared dataset.
         split: manifest split to read (e.g. "train").
         window_len: tokens per window, `n_chunks * chunk_len + 1`.
-        batch_size: windows per batch.
+        batch_size: windows per batch, one per lane of the stream.
         rank, world_size: this process's place among the data-parallel ranks.
         num_workers: the DataLoader's `num_workers` (0: the main process is the one stream of this rank).
         seed, shuffle_shards, shuffle_buffer, skip_corrupt: as in `DataConfig`.
@@ -137,7 +143,7 @@ class PackedStream(IterableDataset):
         self.shuffle_docs = shuffle_buffer > 1
         # Committed state, twice: in shared memory, which a persistent worker reads when it restarts iterating,
         # and as plain values, which a worker inherits when it is created (see `__iter__`).
-        self._cursors = torch.zeros(self.n_local, len(CURSOR_FIELDS), dtype=torch.long).share_memory_()
+        self._cursors = torch.zeros(self.n_local, batch_size, len(CURSOR_FIELDS), dtype=torch.long).share_memory_()
         self._consumed = torch.zeros(1, dtype=torch.long).share_memory_()
         self._plain = (0, self._cursors.tolist())
         self._iterated_here = False
@@ -145,21 +151,27 @@ class PackedStream(IterableDataset):
     # --- state -------------------------------------------------------------------------------------------------
 
     def commit(self, batch: dict) -> None:
-        """Record that `batch` was used: its stream continues at batch["cursor"]."""
+        """Record that `batch` was used: its stream's lanes continue at batch["cursor"] (B, 6)."""
         self._cursors[int(batch["stream"])] = batch["cursor"]
         self._consumed += 1
         self._plain = (int(self._consumed), self._cursors.tolist())
 
     def state_dict(self) -> dict:
-        """This rank's position: batches consumed and one cursor per stream (plain ints, safe to torch.load)."""
+        """This rank's position: batches consumed and, per stream, one cursor per lane (plain ints, safe to
+        torch.load)."""
         return {"consumed": int(self._consumed), "cursors": self._cursors.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         cursors = torch.as_tensor(state["cursors"], dtype=torch.long)
-        if cursors.shape != self._cursors.shape:
+        if cursors.dim() != 3 or cursors.shape[0] != self.n_local:
             raise DataError(
                 f"the checkpoint's data cursor has {cursors.shape[0]} streams per rank, this loader has "
                 f"{self.n_local}: resume with the same data.num_workers to continue the data exactly"
+            )
+        if cursors.shape[1] != self.batch_size:
+            raise DataError(
+                f"the checkpoint's data cursor has {cursors.shape[1]} lanes (rows) per stream, this loader has "
+                f"data.batch_size={self.batch_size}: resume with the same data.batch_size to continue the data exactly"
             )
         self._cursors.copy_(cursors)
         self._consumed.fill_(int(state["consumed"]))
@@ -186,13 +198,16 @@ class PackedStream(IterableDataset):
                 d += 1
             s, d = s + 1, 0
 
-    def _pieces(self, stream: int, cursor: tuple) -> Iterator[tuple[tuple, np.ndarray, bool]]:
-        """(cursor of the first token, tokens, starts a document) of every document (+EOS) in stream order."""
+    def _pieces(self, stream: int, lane: int, cursor: tuple) -> Iterator[tuple[tuple, np.ndarray, bool]]:
+        """(cursor of the first token, tokens, starts a document) of every document (+EOS) of lane `lane` of
+        stream `stream`: the documents at positions lane, lane + B, ... of the stream's order in each epoch."""
         epoch, block, bs, bd, pos, offset = cursor
+        B = self.batch_size
         while True:
             shards = self.epoch_shards(epoch, stream)
             reader = self._docs(shards, bs, bd)
-            blocks_read = 0
+            blocks_read = mine = 0
+            whole_epoch = (block, pos, offset) == (0, 0, 0)
             while True:
                 docs, last = [], None
                 for last in reader:
@@ -203,8 +218,12 @@ class PackedStream(IterableDataset):
                     break
                 blocks_read += 1
                 perm = self._block_perm(epoch, stream, block, len(docs))
-                for p in range(pos, len(docs)):
-                    d = docs[perm[p]]
+                first = block * self.block_docs  # epoch position of the block's first document
+                positions = range(pos + (lane - first - pos) % B, len(docs), B)  # this lane's, from pos on
+                picked = [docs[perm[p]] for p in positions]
+                del docs  # hold only this lane's documents while they are packed
+                for p, d in zip(positions, picked):
+                    mine += 1
                     toks = np.empty(len(d) + 1, dtype=d.dtype)
                     toks[:-1], toks[-1] = d, self.eos_id
                     yield (epoch, block, bs, bd, p, offset), toks[offset:], offset == 0
@@ -219,6 +238,12 @@ class PackedStream(IterableDataset):
                 raise DataError(
                     f"data stream {stream} found no readable documents in its shards for epoch {epoch} "
                     f"({', '.join(str(s.path) for s in shards)}): re-run `titans-train prepare`"
+                )
+            if mine == 0 and whole_epoch:
+                raise DataError(
+                    f"data stream {stream} has fewer documents in epoch {epoch} than data.batch_size={B} rows, "
+                    "each of which reads its own documents: lower data.batch_size or data.num_workers, or prepare "
+                    "more data"
                 )
             epoch, block, bs, bd, pos, offset = epoch + 1, 0, 0, 0, 0, 0
 
@@ -242,26 +267,27 @@ class PackedStream(IterableDataset):
             consumed, cursors = int(self._consumed), self._cursors.tolist()
         self._iterated_here = True
         w = (j + consumed) % self.n_local  # the DataLoader restarts its round-robin at worker 0
-        return self._batches(w, tuple(cursors[w]))
+        return self._batches(w, [tuple(c) for c in cursors[w]])
 
-    def _batches(self, w: int, cursor: tuple) -> Iterator[dict]:
-        g = self.rank * self.n_local + w
+    def _lane_windows(self, g: int, lane: int, cursor: tuple) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
+        """(tokens (L+1,), doc_start (L+1,), cursor after it) of every window of one lane."""
         packer = _Packer(self.window_len)
-        toks, masks = [], []
-        stream_id = torch.tensor(w)
-        for cur, piece, doc_start in self._pieces(g, cursor):
+        for cur, piece, doc_start in self._pieces(g, lane, cursor):
             packer.add(cur, piece, doc_start)
-            for t, m, nxt in packer.windows():
-                toks.append(t)
-                masks.append(m)
-                if len(toks) == self.batch_size:
-                    yield {
-                        "tokens": torch.from_numpy(np.stack(toks).astype(np.int64)),  # (B, L+1)
-                        "doc_start": torch.from_numpy(np.stack(masks)),  # (B, L+1)
-                        "cursor": torch.tensor(nxt, dtype=torch.long),  # (6,)
-                        "stream": stream_id,
-                    }
-                    toks, masks = [], []
+            yield from packer.windows()
+
+    def _batches(self, w: int, cursors: list[tuple]) -> Iterator[dict]:
+        g = self.rank * self.n_local + w
+        lanes = [self._lane_windows(g, r, c) for r, c in enumerate(cursors)]
+        stream_id = torch.tensor(w)
+        while True:
+            toks, masks, nxt = zip(*(next(lane) for lane in lanes))  # row r continues lane r
+            yield {
+                "tokens": torch.from_numpy(np.stack(toks).astype(np.int64)),  # (B, L+1)
+                "doc_start": torch.from_numpy(np.stack(masks)),  # (B, L+1)
+                "cursor": torch.tensor(nxt, dtype=torch.long),  # (B, 6)
+                "stream": stream_id,
+            }
 
 
 class ValStream(IterableDataset):

@@ -13,6 +13,7 @@ from titans_train.cli import UserError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = REPO_ROOT / "recipes"
 DEFAULT_RECIPE = RECIPES / "tiny.yaml"
+BUILTIN_DATA = "data/builtin"  # where the tiny recipes read the built-in corpus (prepared there when missing)
 
 
 def split_recipe_args(recipe: str | None, overrides: list[str]) -> tuple[str, list[str]]:
@@ -214,6 +215,21 @@ def checkpoint_weights(path: str | os.PathLike) -> dict:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def model_weights(path: str | os.PathLike) -> dict:
+    """The model's state dict (keys without the LightningModule's `model.` prefix) of a checkpoint of any format."""
+    weights = checkpoint_weights(path)
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+
+
+def init_from_checkpoint(recipe, resolved: dict, model) -> None:
+    """`train.init_from`: load a checkpoint's model weights into `model` (same model config), nothing else."""
+    path = recipe.train.init_from
+    if not Path(path).exists():
+        raise UserError(f"train.init_from={path}: no such checkpoint (train the earlier stage first, or set the path)")
+    check_same_model(resolved["model"], checkpoint_meta(path), path)
+    model.load_state_dict(model_weights(path))
+
+
 def load_model_from_checkpoint(ckpt_path: str | os.PathLike, overrides: list[str] | None = None):
     """(Recipe, resolved dict, model with the checkpoint's weights) from a checkpoint alone (file, sharded or
     DeepSpeed directory)."""
@@ -226,7 +242,5 @@ def load_model_from_checkpoint(ckpt_path: str | os.PathLike, overrides: list[str
         raise UserError(f"{ckpt_path} has no recipe inside: not a titans-train checkpoint")
     recipe = recipe_config(resolved)
     model = build_model(recipe)
-    weights = checkpoint_weights(ckpt_path)
-    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    model.load_state_dict(model_weights(ckpt_path))
     return recipe, resolved, model

@@ -42,8 +42,13 @@ class TrainConfig:
     """Seed for parameters, data order and every RNG (Lightning's seed_everything)."""
     val_at_start: bool = True
     """Evaluate on the validation split once before the first step, so the logs show where the loss started."""
+    init_from: Optional[str] = None
+    """A checkpoint (any format `fit` writes) whose model weights a *new* run starts from; its optimiser, schedule,
+    step and data position are not used (a later stage, e.g. long-window training after 4K pre-training). The
+    model config must match the checkpoint's. Ignored when the run resumes from its own checkpoint."""
 
     def __post_init__(self):
+        _check(self.init_from is None or bool(self.init_from), "train.init_from", "must be a checkpoint path or null")
         _check(self.tbptt_chunks >= 0, "train.tbptt_chunks", f"must be >= 0 (0 = n_chunks), got {self.tbptt_chunks}")
         _check(self.reset_memory in RESET_MEMORY, "train.reset_memory",
                f"must be one of {', '.join(RESET_MEMORY)}, got {self.reset_memory!r}")

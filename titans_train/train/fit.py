@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from titans_train.train.module import TrainingDiverged
 
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
-    B.ensure_data(recipe, prepare_builtin=recipe_path == str(B.DEFAULT_RECIPE))  # the default run needs no setup
+    # The default run and the tiny recipes (data.path = data/builtin) need no setup: the corpus is prepared there.
+    B.ensure_data(recipe, prepare_builtin=recipe_path == str(B.DEFAULT_RECIPE) or recipe.data.path == B.BUILTIN_DATA)
     model = B.build_model(recipe)
     datamodule = B.build_datamodule(recipe)
 
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
             run_id = meta.get("wandb_run_id")
             print(f"resuming from {ckpt_path}", flush=True)
 
+    if ckpt_path is None and recipe.train.init_from:  # a new stage: weights from an earlier run, all else fresh
+        B.init_from_checkpoint(recipe, resolved, model)
+        print(f"initialised the model from {recipe.train.init_from}", flush=True)
     lit = B.lit_module(recipe, resolved, model)
     trainer = build_trainer(recipe, yaml_text, resolved, lit, run_id=run_id, dry_run=args.dry_run,
                             fresh=ckpt_path is None)
