@@ -141,7 +141,7 @@ def _ppl(args, recipe, model, tok, out):
 def _niah(args, recipe, model, tok, out):
     from titans_train.eval.niah import CorpusHaystack, evaluate_niah, make_needle, make_sample, noise_haystack
     from titans_train.eval.plots import plot_niah
-    from titans_train.eval.peak import peak_rss_bytes
+    from titans_train.train.callbacks.memory import peak_rss_gib
     import random
 
     tok = _need_tok(tok, args)
@@ -160,7 +160,7 @@ def _niah(args, recipe, model, tok, out):
     with bar:
         r = evaluate_niah(model, tok, args.lengths, args.depths, args.samples, args.needle, haystack, seed=args.seed,
                           digits=args.digits, piece_len=args.piece_len, progress=advance)
-    r["peak_rss_bytes"] = peak_rss_bytes()
+    r["peak_rss_bytes"] = int(peak_rss_gib() * 2**30)
     print("depth \\ length " + " ".join(f"{n:>9}" for n in args.lengths))
     for d in args.depths:
         print(f"{d:>15g} " + " ".join(f"{r['accuracy'][str(n)][str(d)]:>9.2f}" for n in args.lengths))

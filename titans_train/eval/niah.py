@@ -175,6 +175,9 @@ def make_sample(length: int, depth: float, needle: Needle, haystack) -> Sample:
     """Place the needle at `depth` (0 = first, 1 = just before the question) of a haystack filling `length`;
     a noise haystack keeps whole filler paragraphs on both sides. Too short a length is a ValueError."""
     prompt = len(needle.needle_ids) + len(needle.question_ids)
+    if len(needle.needle_ids) >= length:
+        raise ValueError(f"--lengths {length}: the needle ({len(needle.needle_ids)} tokens) is longer than the "
+                         f"requested context; use lengths >= {prompt}")
     if length < prompt:
         raise ValueError(f"--lengths {length}: below the prompt, which is {prompt} tokens (needle "
                          f"{len(needle.needle_ids)} + question {len(needle.question_ids)}); use lengths >= {prompt}")
@@ -241,3 +244,39 @@ def evaluate_niah(model, tok, lengths, depths, n: int, kind: str, haystack, *, s
             "samples": n, "seed": seed, "chance": chance(kind, digits), "accuracy": acc,
             "mean_accuracy": sum(sum(r.values()) for r in acc.values()) / (len(lengths) * len(depths)),
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9), "replies": replies}
+
+
+# --- a synthetic training task: passkey documents for `titans-train prepare passkey:...` -------------------------
+
+PASSKEY_DEFAULTS = {"docs": 20000, "digits": 1, "min_len": 256, "max_len": 2048}
+
+
+def parse_passkey_spec(spec: str) -> dict:
+    """`passkey` or `passkey:docs=20000,digits=1,min_len=256,max_len=2048` -> those settings (bytes of text)."""
+    opts = dict(PASSKEY_DEFAULTS)
+    body = spec.partition(":")[2]
+    for item in filter(None, body.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in opts or not eq or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"source {spec}: {item!r} is not one of {', '.join(f'{k}=N' for k in opts)} (N >= 1)")
+        opts[key] = int(value)
+    shortest = len(NEEDLE.format(key="the passkey", value="0" * opts["digits"])) + len(QUESTION.format(key="the passkey"))
+    if opts["min_len"] > opts["max_len"] or opts["min_len"] < shortest + opts["digits"]:
+        raise ValueError(f"source {spec}: need {shortest + opts['digits']} <= min_len <= max_len (the prompt alone is "
+                         f"{shortest} characters)")
+    return opts
+
+
+def passkey_document(i: int, digits: int, min_len: int, max_len: int, seed: int = 0) -> str:
+    """Document i of the passkey task: a noise prompt of a seeded length in [min_len, max_len] characters (the
+    answer included) with the needle at a seeded depth, then the answer and a newline. Byte tokens = characters."""
+    rng = random.Random(f"passkey/{seed}/{i}")
+    length = rng.randint(min_len, max_len)
+    value = _digits(rng, digits)
+    key = "the passkey"
+    needle, question = NEEDLE.format(key=key, value=value), QUESTION.format(key=key)
+    hay = length - len(needle) - len(question) - len(value) - 1
+    filler = (FILLER * (hay // len(FILLER) + 1))[:hay]
+    cut = int(rng.random() * (hay // len(FILLER) + 1)) * len(FILLER)
+    cut = min(cut, hay // len(FILLER) * len(FILLER))
+    return filler[:cut] + needle + filler[cut:] + question + value + "\n"
