@@ -81,6 +81,10 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path, capsys):
     junk.write_bytes(b"not a checkpoint")
     one_line_error(capsys, [junk, "--task", "ppl"], "not a readable")
     one_line_error(capsys, [tmp_path, "--task", "ppl"], "neither")
+    import torch
+
+    torch.save({"state_dict": {}, "epoch": 3}, tmp_path / "other.ckpt")  # a Lightning checkpoint of another project
+    one_line_error(capsys, [tmp_path / "other.ckpt", "--task", "niah"], "not a titans-train checkpoint")
     (tmp_path / "doc.txt").write_text("hello world, a text for another tokenizer. " * 200)
     other = tmp_path / "bpe"
     assert run_main("prepare", tmp_path / "doc.txt", "--out", other, "--train-tokenizer", "300", "--val-fraction",
