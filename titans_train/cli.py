@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("train.validate", "validation loss and perplexity of a checkpoint"),
     "export": ("train.export", "checkpoint -> safetensors + recipe + tokenizer for inference"),
     "generate": ("train.generate", "continue a prompt with a checkpoint or an exported model"),
+    "eval": ("eval.cli", "long-context evaluation: loss by position, needle in a haystack, lm-eval tasks"),
     "launch": ("train.slurm", "render (--dry-run: print) and submit a multi-node SLURM job for a recipe"),
 }
 

@@ -8,7 +8,8 @@ is resolved after the merge.
 Each section is a dataclass with a docstring per field and a `__post_init__` that raises `ValueError` naming
 the key. `section_from_dict` builds one from a plain mapping: an unknown key is an error that suggests the closest
 valid one, and values are type-checked. Sections register in `SECTIONS` (`model` here, `data` from
-`titans_train/data/config.py`, the training sections from `titans_train/train/config.py`); `recipe_config` checks
+`titans_train/data/config.py`, `eval` from
+`titans_train/eval/config.py`, the training sections from `titans_train/train/config.py`); `recipe_config` checks
 the whole recipe, where an unknown top-level key is an error too.
 
     cfg = load_recipe("recipes/mag_170m.yaml", ["model.n_layers=2"])   # plain dict, merged and resolved
@@ -208,6 +209,7 @@ class ModelConfig:
 
 
 from titans_train.data.config import DataConfig  # noqa: E402  (plain dataclasses, no heavy imports)
+from titans_train.eval.config import EvalConfig  # noqa: E402
 from titans_train.train.config import (  # noqa: E402
     CheckpointConfig, LaunchConfig, LoggingConfig, OptimConfig, TrainConfig, TrainerConfig,
 )
@@ -221,6 +223,7 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "checkpoint": CheckpointConfig,
     "launch": LaunchConfig,
+    "eval": EvalConfig,
 }
 """Top-level recipe sections, each with its schema."""
 
@@ -237,6 +240,7 @@ class Recipe:
     logging: LoggingConfig
     checkpoint: CheckpointConfig
     launch: LaunchConfig
+    eval: EvalConfig
 
     def out_dir(self) -> str:
         return self.logging.out_dir or f"runs/{self.logging.run_name}"

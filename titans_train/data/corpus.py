@@ -64,6 +64,18 @@ def builtin_units(limit: int | None) -> list[tuple]:
 # --- local files -------------------------------------------------------------------------------------------------
 
 
+def passkey_units(spec: str, limit: int | None) -> list[tuple]:
+    """`passkey[:docs=N,digits=D,min_len=A,max_len=B]`: synthetic passkey documents, in units of 1000."""
+    from titans_train.eval.niah import parse_passkey_spec
+
+    try:
+        opts = parse_passkey_spec(spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    n = min(opts["docs"], limit) if limit is not None else opts["docs"]
+    return [("passkey", i, min(i + 1000, n), opts) for i in range(0, n, 1000)]
+
+
 def expand_local(pattern: str) -> list[Path]:
     """Files a path or glob names, sorted; an empty match or an unknown suffix is a UserError."""
     matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
@@ -154,6 +166,12 @@ def read_unit(unit: tuple, text_field: str = "text") -> Iterator[tuple[str, str 
             yield f"{f.name}:{start + i}", text
     elif kind == "rows":
         yield from unit[1]
+    elif kind == "passkey":  # synthetic: the needle-in-a-haystack prompt format of titans_train/eval/niah.py
+        from titans_train.eval.niah import passkey_document
+
+        start, stop, opts = unit[1], unit[2], unit[3]
+        for i in range(start, stop):
+            yield f"passkey/{i}", passkey_document(i, opts["digits"], opts["min_len"], opts["max_len"])
     else:  # pragma: no cover
         raise ValueError(f"unknown unit {kind}")
 

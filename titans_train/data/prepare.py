@@ -38,7 +38,8 @@ def parse_size(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="`builtin`, a local .txt/.jsonl/.jsonl.gz/.parquet file or glob, or hf:NAME_OR_PATH")
+                   help="`builtin`, a local .txt/.jsonl/.jsonl.gz/.parquet file or glob, hf:NAME_OR_PATH, or "
+                   "passkey[:docs=N,digits=D,min_len=A,max_len=B] (synthetic needle-in-a-haystack documents)")
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
     p.add_argument("--tokenizer", default="byte", help="`byte` (default) or a Hugging Face tokenizer.json path")
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
@@ -130,6 +131,9 @@ def _source_units(spec: str, args) -> tuple[str, object, int | None]:
 
     if spec == "builtin":
         units = corpus.builtin_units(args.limit)
+        return spec, units, len(units)
+    if spec == "passkey" or spec.startswith("passkey:"):
+        units = corpus.passkey_units(spec, args.limit)
         return spec, units, len(units)
     if spec.startswith("hf:"):
         return spec, corpus.hf_units(spec, args.text_field, args.hf_split, args.hf_config, args.limit), None

@@ -97,6 +97,8 @@ def build_trainer(recipe, yaml_text: str, resolved: dict, lit, *, run_id, dry_ru
         callbacks.append(PeriodicCheckpoint(recipe.ckpt_dir(), recipe.checkpoint.every_steps,
                                             recipe.checkpoint.keep_last_k, yaml_text))
         callbacks.append(Preemption())  # SIGUSR1/SIGTERM: save at the step's end, stop, exit for requeue
+        if recipe.eval.every_steps:
+            callbacks.append(eval_callback(recipe))
         max_steps = t.max_steps
         val_batches = recipe.data.val_batches if recipe.data.val_batches is not None else 1.0
         sanity = 0
@@ -126,6 +128,22 @@ def build_trainer(recipe, yaml_text: str, resolved: dict, lit, *, run_id, dry_ru
         enable_checkpointing=not dry_run,
         default_root_dir=recipe.out_dir(),
     )
+
+
+def eval_callback(recipe):
+    """The `eval:` section's callback; it needs whole weights on rank 0 and prompts that fit the model."""
+    from titans_train.cli import UserError
+    from titans_train.train.callbacks.eval import EvalDuringFit
+
+    if recipe.trainer.strategy in ("fsdp", "deepspeed_stage_3"):
+        raise UserError(f"eval.every_steps={recipe.eval.every_steps} runs on rank 0 with whole weights, which "
+                        f"trainer.strategy={recipe.trainer.strategy} shards: set eval.every_steps=0 and evaluate "
+                        "checkpoints with `titans-train eval`")
+    from titans_train.data.shards import Manifest
+
+    Manifest(recipe.data.path).shards(recipe.eval.split)  # a missing split is an error now, not at step N
+    window = recipe.eval.window or recipe.data.n_chunks * recipe.data.chunk_len
+    return EvalDuringFit(recipe.eval, recipe.data.path, recipe.data.tokenizer, window)
 
 
 def _print_summary(trainer, recipe) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,21 +19,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from titans_train.cli import UserError
-    from titans_train.train import build as B
+    from titans_train.eval.load import load_model, require_tokenizer
 
-    if (Path(args.ckpt) / "model.safetensors").is_file():  # an export (checkpoints can be directories too)
-        from titans_train.train.export import load_export
-
-        recipe, model, tok = load_export(args.ckpt)
-    else:
-        recipe, _, model = B.load_model_from_checkpoint(args.ckpt)
-        try:
-            tok = B.tokenizer_for(recipe)
-        except Exception as e:
-            raise UserError(f"cannot load the tokenizer of {args.ckpt} from data.path={recipe.data.path} ({e}); "
-                            "export the checkpoint with `titans-train export` and generate from that directory") from None
-    if tok is None:
-        raise UserError(f"{args.ckpt} has no tokenizer.json")
+    recipe, model, tok = load_model(args.ckpt)
+    require_tokenizer(tok, args.ckpt)
     torch.manual_seed(args.seed)
     model.eval()
     ids = torch.as_tensor(tok.encode(args.prompt), dtype=torch.long)[None]  # (1, T)
