@@ -20,12 +20,13 @@ B, H, D = 2, 2, 8
 
 
 def make_inputs(T: int, n_layers: int, per_layer_theta=False, layer_norm=True, seed: int = 0, dtype=torch.float64,
-                channel_alpha=False):
+                channel_alpha=False, batch_heads=(B, H)):
     """Well-conditioned inputs as the layer produces them: unit-norm q/k, rates in (0, 1), small initial state.
 
     Conditioning matters for a 1e-9 absolute tolerance: an inner gradient descent that diverges (weights that
     grow without LN, or shrink under LN until it amplifies round-off) turns 1e-16 round-off into any error.
     """
+    B, H = batch_heads
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
     randn = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
@@ -60,10 +61,11 @@ NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
 def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False, impl="auto",
-            channel_alpha=False):
+            channel_alpha=False, batch_heads=(B, H)):
     if impl == "cpu":
         _cpu_kernel()
-    args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm, channel_alpha=channel_alpha)
+    args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm, channel_alpha=channel_alpha,
+                               batch_heads=batch_heads)
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
     fast = run_with_grads(memory_update, args, leaves, compile=compile, impl=impl, **kw)
     ref = run_with_grads(memory_update_reference, args, leaves, **kw)
