@@ -172,6 +172,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op op_compiled op_autograd op_fused "
                    "op_triton op_channel_alpha layer reference titans_pytorch")
+    p.add_argument("--case-timeout", type=float, default=None, help="seconds per case (its own process) before it "
+                   "is reported as timed out")
     p.add_argument("--tf32", action="store_true", help="fp32 matmuls may use TF32 (every case, the peak included)")
     p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for our op and exit")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
@@ -197,6 +199,7 @@ def main() -> int:
                                                                  max_name_column_width=28, max_shapes_column_width=60))
         return 0
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     peak = matmul_flops_per_s(args.device)
     fp32 = "tf32" if args.tf32 else "fp32"
     print(f"device: {dev_name}; torch {torch.__version__}; measured {fp32} matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
@@ -218,7 +221,11 @@ def main() -> int:
                    "--B", str(args.B), "--H", str(args.H), "--T", str(args.T), "--D", str(args.D),
                    "--reference-T", str(args.reference_T), "--repeats", str(1 if case == "reference" else args.repeats)]
             cmd += ["--tf32"] if args.tf32 else []
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{case:<16}{chunk:>6}  timed out after {args.case_timeout:.0f} s")
+                continue
             if out.returncode != 0:
                 print(f"{case:<16}{chunk:>6}  failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
                 continue

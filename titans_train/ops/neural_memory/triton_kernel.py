@@ -312,9 +312,9 @@ def _chunk_forward(q_ptr, k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, nxt, 
 
 
 @triton.jit
-def _forward_kernel(q, k, v, bf, g, e3, gs, state0, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS, SCR,
+def _forward_kernel(q, k, v, bf, g, e3, gs, state0, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS, SCR, K,
                     L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
-                    BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr, K: tl.constexpr, RES: tl.constexpr,
+                    BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr, RES: tl.constexpr,
                     LN: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
     """One program per (batch, head) item: its chunk loop, the state ping-ponging between two buffers."""
     bh = tl.program_id(0).to(tl.int64)
@@ -556,13 +556,13 @@ def _chunk_backward(k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, cin, cout, 
 
 @triton.jit
 def _backward_kernel(q, k, v, bf, g, e3, gs, ckpt, dout, dfinal, dq, dk, dv, dbf, dg, de3, dgs, dstate, segst, carry,
-                     scratch, N, b, n_seg, SS, SCR, L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
+                     scratch, N, b, n_seg, SS, SCR, K, L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
                      DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr,
-                     K: tl.constexpr, RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr):
+                     RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr):
     """One program per item: segments in reverse; each recomputes its anchors from its checkpoint, then runs its
     chunks' backwards in reverse (the chunk's forward recomputed into the scratch first)."""
     bh = tl.program_id(0).to(tl.int64)
-    seg = segst + bh * (K + 1) * SS
+    seg = segst + bh * K * SS
     cb = carry + bh * 2 * SS
     scr = scratch + bh * SCR
     _copy(dfinal + bh * SS, cb, SS, 1024)  # chunk n's carry (d of its end state) sits at parity N - 1 - n
@@ -650,7 +650,7 @@ class TritonChunkedMemory(torch.autograd.Function):
         stbuf = q.new_empty((BH, 2, SS))
         scratch = q.new_zeros((BH, SCR))
         _forward_kernel[(BH,)](q, k, v, BF, G, E3, GS, flat, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS, SCR,
-                               K=K, SAVE=save, num_warps=NUM_WARPS, **meta)
+                               K, SAVE=save, num_warps=NUM_WARPS, **meta)
         ctx.meta, ctx.dims, ctx.K = meta, dims, K
         ctx.save_for_backward(q, k, v, BF, G, E3, GS, ckpt)
         W, S = _unpack(final, dims)
@@ -674,10 +674,10 @@ class TritonChunkedMemory(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dBF, dG, dE3, dGS = torch.empty_like(BF), torch.empty_like(G), torch.empty_like(E3), torch.empty_like(GS)
         dstate = torch.empty_like(dflat)
-        segst = q.new_empty((BH, K + 1, SS))
+        segst = q.new_empty((BH, K, SS))  # the anchors of one segment
         carry = q.new_empty((BH, 2, SS))
         scratch = q.new_zeros((BH, SCR))
         _backward_kernel[(BH,)](q, k, v, BF, G, E3, GS, ckpt, dout, dflat, dq, dk, dv, dBF, dG, dE3, dGS, dstate, segst,
-                                carry, scratch, N, b, n_seg, SS, SCR, K=K, num_warps=NUM_WARPS, **meta)
+                                carry, scratch, N, b, n_seg, SS, SCR, K, num_warps=NUM_WARPS, **meta)
         dW0, dS0 = _unpack(dstate, dims)
         return (None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
