@@ -114,7 +114,7 @@ def test_triton_refuses_what_it_does_not_run():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_layers,chunk_size", [(2, 16), (1, 64)], ids=["L2-chunk16", "L1-chunk64"])
+@pytest.mark.parametrize("n_layers,chunk_size", [(2, 16), (1, 32)], ids=["L2-chunk16", "L1-chunk32"])
 def test_triton_gpu_matches_reference(n_layers, chunk_size):
     """The compiled kernels on the GPU (exact fp32 matmuls: TF32 off) against the float64 reference on the CPU."""
     args, leaves = make_inputs(100, n_layers)
@@ -142,6 +142,9 @@ def test_triton_gpu_bf16_autocast_runs_fp32_state():
     args, _ = make_inputs(256, 2, dtype=torch.float32)
     dev = [a.detach().cuda() if torch.is_tensor(a) else tuple(x.detach().cuda() for x in a) for a in args]
     assert choose_impl("auto", False, 16, dev[0], dims=[8, 32, 8]) == "triton"
+    assert choose_impl("auto", False, 64, dev[0], dims=[8, 32, 8]) == "autograd"  # over MAX_GPU_CHUNK
+    with pytest.raises(ValueError, match="up to 32 tokens on GPUs"):
+        choose_impl("triton", False, 64, dev[0], dims=[8, 32, 8])
     y32, W32, _ = memory_update(*dev, chunk_size=16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y16, W16, S16 = memory_update(*dev, chunk_size=16)

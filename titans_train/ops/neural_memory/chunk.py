@@ -333,10 +333,10 @@ def _triton():
     return triton_kernel
 
 
-def _triton_error(q: Tensor, dims) -> str | None:
+def _triton_error(q: Tensor, dims, chunk: int) -> str | None:
     """Why the Triton kernels cannot run these inputs (None when they can)."""
     try:
-        _triton().check_supported(q, dims)
+        _triton().check_supported(q, dims, chunk)
     except ImportError as e:
         return f"triton is not installed ({e}); pip install triton (CUDA builds of torch ship it)"
     except ValueError as e:
@@ -350,7 +350,7 @@ def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: 
 
     "auto" takes the CPU kernel for float32/float64 CPU tensors with scalar (per-head) alpha when it builds on this
     machine and compile=False, the Triton kernels for CUDA tensors with scalar alpha and compile=False when triton
-    imports and supports the memory's widths (`dims`: D, hidden..., D), else the autograd step. An explicit choice
+    imports and supports the memory's widths (`dims`: D, hidden..., D) and chunk size, else the autograd step. An explicit choice
     that cannot run raises a ValueError (or a RuntimeError saying why the CPU kernel did not build)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
@@ -365,14 +365,14 @@ def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: 
             raise RuntimeError(f"impl='cpu': the CPU kernel did not build ({cpu_kernel.build_error()})")
         return "cpu"
     if impl == "triton":
-        why = _triton_error(q, dims)
+        why = _triton_error(q, dims, chunk)
         if why is not None:
             raise ValueError(why)
         return "triton"
     if impl == "auto":
         if kernel_ok and not channel_alpha and not compile and cpu_kernel.available():
             return "cpu"
-        if q.is_cuda and not channel_alpha and not compile and _triton_error(q, dims) is None:
+        if q.is_cuda and not channel_alpha and not compile and _triton_error(q, dims, chunk) is None:
             return "triton"
         return "autograd"
     return impl

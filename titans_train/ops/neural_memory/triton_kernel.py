@@ -604,10 +604,18 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def check_supported(q: torch.Tensor, dims) -> None:
-    """ValueError naming what the Triton kernels cannot run: device, dtype, depth, hidden widths."""
+# Largest memory chunk on a GPU: at 64 tokens the backward's (64 x 256) blocks need 240 KB of shared memory (compiled
+# for sm_90), more than an H100/H200 block may use (227 KB); 32 needs 144 KB.
+MAX_GPU_CHUNK = 32
+
+
+def check_supported(q: torch.Tensor, dims, chunk: int) -> None:
+    """ValueError naming what the Triton kernels cannot run: device, dtype, depth, hidden widths, chunk size."""
     if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
         raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones), got {q.device}")
+    if q.device.type == "cuda" and chunk > MAX_GPU_CHUNK:
+        raise ValueError(f"impl='triton' runs memory chunks of up to {MAX_GPU_CHUNK} tokens on GPUs (shared memory), "
+                         f"got chunk_size={chunk}")
     if q.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"impl='triton' computes in float32/float64, got {q.dtype}")
     L = len(dims) - 1
