@@ -5,10 +5,9 @@ Compares, in one run and on one device:
                     is the compiled C++ kernel, ops/neural_memory/cpu_kernel.cpp)
   - ours (op_compiled): the same with compile=True (the per-chunk step through torch.compile)
   - ours (op_autograd): the same with impl="autograd" (the per-chunk step under autograd, the pre-Function path)
-  - ours (op_fused): the same with impl="fused" (one autograd.Function with a hand-written backward)
   - ours (op_triton): the same with impl="triton" (Triton kernels, one program per (batch, head); the "auto" pick
                     on CUDA, so skip it there or compare it with op_autograd)
-  - ours (op_channel_alpha): the autograd step with channel-wise alpha (B, H, T, D) (the fused path has none)
+  - ours (op_channel_alpha): the autograd step with channel-wise alpha (B, H, T, D) (the kernels have none)
   - ours (layer):   titans_train.layers.NeuralMemory (projections, conv, rates, output gate around the op)
   - reference:      memory_update_reference (token loop, the specification) at a small T
   - titans-pytorch: titans_pytorch.NeuralMemory with the same heads/dims/chunk (one update per chunk)
@@ -22,7 +21,7 @@ case's own.
 
     python benchmarks/memory_op.py                       # B=2 H=4 T=2048 D=64, chunks 16 and 64, CPU
     python benchmarks/memory_op.py --device cuda --T 8192
-    python benchmarks/memory_op.py --device cuda --tf32 --B 64 --skip op_fused op_compiled layer reference
+    python benchmarks/memory_op.py --device cuda --tf32 --B 64 --skip op_compiled layer reference
 """
 
 from __future__ import annotations
@@ -85,14 +84,13 @@ def build_case(name: str, B: int, H: int, T: int, D: int, chunk: int, device: st
     """Returns (step_fn, tokens per step). step_fn runs forward + backward once."""
     torch.manual_seed(0)
     depth, exp = 2, 4
-    if name in ("op", "op_compiled", "op_autograd", "op_fused", "op_triton", "op_channel_alpha", "reference"):
+    if name in ("op", "op_compiled", "op_autograd", "op_triton", "op_channel_alpha", "reference"):
         import functools
 
         from titans_train.ops import memory_update, memory_update_reference
 
         fn = {"op": memory_update, "op_compiled": functools.partial(memory_update, compile=True),
               "op_autograd": functools.partial(memory_update, impl="autograd"),
-              "op_fused": functools.partial(memory_update, impl="fused"),
               "op_triton": functools.partial(memory_update, impl="triton"),
               "op_channel_alpha": memory_update,
               "reference": memory_update_reference}[name]
@@ -170,7 +168,7 @@ def main() -> int:
     p.add_argument("--reference-T", type=int, default=64, help="T for the (slow) token-loop reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op op_compiled op_autograd op_fused "
+    p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op op_compiled op_autograd "
                    "op_triton op_channel_alpha layer reference titans_pytorch")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds per case (its own process) before it "
                    "is reported as timed out")
@@ -213,7 +211,7 @@ def main() -> int:
     print("-" * len(hdr))
     for chunk in args.chunks:
         rows = {}
-        for case in ("titans_pytorch", "op", "op_autograd", "op_fused", "op_triton", "op_channel_alpha", "op_compiled",
+        for case in ("titans_pytorch", "op", "op_autograd", "op_triton", "op_channel_alpha", "op_compiled",
                      "layer", "reference"):
             if case in args.skip:
                 continue

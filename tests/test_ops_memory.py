@@ -96,7 +96,7 @@ def _cpu_kernel():
 
 
 # the compiled C++ kernel, the hand-written-backward Python Function and the per-chunk autograd step
-IMPLS = ["cpu", "fused", "autograd"]
+IMPLS = ["cpu", "autograd"]
 
 
 @pytest.fixture
@@ -176,9 +176,9 @@ def test_equal_channels_equal_scalar_alpha():
 
 
 def test_channel_alpha_impls():
-    """"fused" and "cpu" have no channel-wise form and say so; "auto" and "autograd" run the autograd step."""
+    """"cpu" has no channel-wise form and says so; "auto" and "autograd" run the autograd step."""
     args = _good(channel_alpha=True)
-    for impl in ("fused", "cpu"):
+    for impl in ("cpu",):
         with pytest.raises(ValueError, match=rf"impl='{impl}' does not support channel-wise alpha"):
             memory_update(*args, impl=impl)
     y_auto, *_ = memory_update(*args, impl="auto")
@@ -203,7 +203,7 @@ def test_channel_alpha_without_grad_and_chained():
         assert (a - b).abs().max() <= TOL
 
 
-HAND_WRITTEN = ["cpu", "fused"]  # the paths with a hand-written backward that recomputes from checkpoints
+HAND_WRITTEN = ["cpu"]  # the paths with a hand-written backward on CPU (the Triton kernels: test_ops_memory_triton.py)
 
 
 @pytest.mark.parametrize("impl", HAND_WRITTEN)
@@ -211,12 +211,7 @@ HAND_WRITTEN = ["cpu", "fused"]  # the paths with a hand-written backward that r
 def test_checkpoint_segments(impl, segment, monkeypatch):
     """The hand-written backwards recompute anchors from one stored state per segment of chunks: any segment
     length, including one that does not divide the number of chunks or exceeds it, gives the reference's results."""
-    if impl == "cpu":
-        monkeypatch.setattr(_cpu_kernel(), "SEGMENT", segment)
-    else:
-        from titans_train.ops.neural_memory.fused import ChunkedMemory
-
-        monkeypatch.setattr(ChunkedMemory, "SEGMENT", segment)
+    monkeypatch.setattr(_cpu_kernel(), "SEGMENT", segment)
     compare(37, 4, 2, True, True, impl=impl)
     compare(37, 4, 3, False, True, per_layer_theta=True, impl=impl)
 
