@@ -5,19 +5,23 @@ Compares, in one run and on one device:
                     is the compiled C++ kernel, ops/neural_memory/cpu_kernel.cpp)
   - ours (op_compiled): the same with compile=True (the per-chunk step through torch.compile)
   - ours (op_autograd): the same with impl="autograd" (the per-chunk step under autograd, the pre-Function path)
-  - ours (op_fused): the same with impl="fused" (one autograd.Function with a hand-written backward)
-  - ours (op_channel_alpha): the autograd step with channel-wise alpha (B, H, T, D) (the fused path has none)
+  - ours (op_triton): the same with impl="triton" (Triton kernels, one program per (batch, head); the "auto" pick
+                    on CUDA, so skip it there or compare it with op_autograd)
+  - ours (op_channel_alpha): the autograd step with channel-wise alpha (B, H, T, D) (the kernels have none)
   - ours (layer):   titans_train.layers.NeuralMemory (projections, conv, rates, output gate around the op)
   - reference:      memory_update_reference (token loop, the specification) at a small T
   - titans-pytorch: titans_pytorch.NeuralMemory with the same heads/dims/chunk (one update per chunk)
 and prints tokens/s ratios against titans-pytorch plus the fraction of the device's measured fp32 matmul FLOP/s
-that the op reaches (FLOPs counted analytically, see `op_flops`).
+that the op reaches (FLOPs counted analytically, see `op_flops`); on CUDA also of the measured bf16 matmul rate.
+`--tf32` lets fp32 matmuls use TF32 tensor cores (torch.set_float32_matmul_precision("high")) in every case,
+the Triton kernels' included.
 
 Each case runs in its own subprocess so that peak memory (CPU: max RSS growth; CUDA: max allocated) is the
 case's own.
 
     python benchmarks/memory_op.py                       # B=2 H=4 T=2048 D=64, chunks 16 and 64, CPU
     python benchmarks/memory_op.py --device cuda --T 8192
+    python benchmarks/memory_op.py --device cuda --tf32 --B 64 --skip op_compiled layer reference
 """
 
 from __future__ import annotations
@@ -57,9 +61,9 @@ def op_flops(B: int, H: int, T: int, D: int, depth: int, expansion: int, chunk: 
     return 3.0 * fwd * n_chunks * B * H
 
 
-def matmul_flops_per_s(device: str, n: int = 2048, seconds: float = 3.0) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_flops_per_s(device: str, n: int = 2048, seconds: float = 3.0, dtype=torch.float32) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
@@ -80,14 +84,14 @@ def build_case(name: str, B: int, H: int, T: int, D: int, chunk: int, device: st
     """Returns (step_fn, tokens per step). step_fn runs forward + backward once."""
     torch.manual_seed(0)
     depth, exp = 2, 4
-    if name in ("op", "op_compiled", "op_autograd", "op_fused", "op_channel_alpha", "reference"):
+    if name in ("op", "op_compiled", "op_autograd", "op_triton", "op_channel_alpha", "reference"):
         import functools
 
         from titans_train.ops import memory_update, memory_update_reference
 
         fn = {"op": memory_update, "op_compiled": functools.partial(memory_update, compile=True),
               "op_autograd": functools.partial(memory_update, impl="autograd"),
-              "op_fused": functools.partial(memory_update, impl="fused"),
+              "op_triton": functools.partial(memory_update, impl="triton"),
               "op_channel_alpha": memory_update,
               "reference": memory_update_reference}[name]
         leaf = lambda *s: torch.randn(*s, device=device).requires_grad_()  # noqa: E731
@@ -164,13 +168,18 @@ def main() -> int:
     p.add_argument("--reference-T", type=int, default=64, help="T for the (slow) token-loop reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op op_compiled op_autograd op_fused "
-                   "op_channel_alpha layer reference titans_pytorch")
+    p.add_argument("--skip", nargs="*", default=[], help="cases to skip: op op_compiled op_autograd "
+                   "op_triton op_channel_alpha layer reference titans_pytorch")
+    p.add_argument("--case-timeout", type=float, default=None, help="seconds per case (its own process) before it "
+                   "is reported as timed out")
+    p.add_argument("--tf32", action="store_true", help="fp32 matmuls may use TF32 (every case, the peak included)")
     p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for our op and exit")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
     p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
 
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     if args.case:
         T = args.reference_T if args.case == "reference" else args.T
         print(json.dumps(run_case(args.case, args.B, args.H, T, args.D, args.chunk, args.device, args.repeats)))
@@ -188,22 +197,33 @@ def main() -> int:
                                                                  max_name_column_width=28, max_shapes_column_width=60))
         return 0
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     peak = matmul_flops_per_s(args.device)
-    print(f"device: {dev_name}; torch {torch.__version__}; measured fp32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
+    fp32 = "tf32" if args.tf32 else "fp32"
+    print(f"device: {dev_name}; torch {torch.__version__}; measured {fp32} matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
+    peak_bf16 = None
+    if args.device.startswith("cuda"):
+        peak_bf16 = matmul_flops_per_s(args.device, n=8192, dtype=torch.bfloat16)
+        print(f"measured bf16 matmul (8192^2): {peak_bf16 / 1e12:.1f} TFLOP/s")
     print(f"B={args.B} H={args.H} T={args.T} D={args.D}, 2-layer memory (D -> 4D -> D); fwd+bwd, best of {args.repeats}")
     hdr = f"{'case':<16}{'chunk':>6}{'T':>7}{'tokens/s':>12}{'vs titans-pytorch':>19}{'peak MiB':>10}{'% matmul peak':>15}"
     print(hdr)
     print("-" * len(hdr))
     for chunk in args.chunks:
         rows = {}
-        for case in ("titans_pytorch", "op", "op_autograd", "op_fused", "op_channel_alpha", "op_compiled", "layer",
-                     "reference"):
+        for case in ("titans_pytorch", "op", "op_autograd", "op_triton", "op_channel_alpha", "op_compiled",
+                     "layer", "reference"):
             if case in args.skip:
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--chunk", str(chunk), "--device", args.device,
                    "--B", str(args.B), "--H", str(args.H), "--T", str(args.T), "--D", str(args.D),
                    "--reference-T", str(args.reference_T), "--repeats", str(1 if case == "reference" else args.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            cmd += ["--tf32"] if args.tf32 else []
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{case:<16}{chunk:>6}  timed out after {args.case_timeout:.0f} s")
+                continue
             if out.returncode != 0:
                 print(f"{case:<16}{chunk:>6}  failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
                 continue
@@ -218,7 +238,8 @@ def main() -> int:
                 r["gflop_per_s"] = flops / r["seconds"] / 1e9
             print(f"{case:<16}{chunk:>6}{r['T']:>7}{r['tokens_per_s']:>12.0f}{ratio:>19}{r['peak_mib']:>10.0f}{eff:>15}")
             if "gflop_per_s" in r:
-                print(f"{'':<16}{'':>6}{'':>7}  op: {r['gflop_per_s']:.1f} GFLOP/s of {peak / 1e9:.1f} measured")
+                bf16 = f", {100 * r['gflop_per_s'] * 1e9 / peak_bf16:.1f}% of bf16" if peak_bf16 else ""
+                print(f"{'':<16}{'':>6}{'':>7}  op: {r['gflop_per_s']:.1f} GFLOP/s of {peak / 1e9:.1f} measured{bf16}")
     return 0
 
 

@@ -20,12 +20,13 @@ B, H, D = 2, 2, 8
 
 
 def make_inputs(T: int, n_layers: int, per_layer_theta=False, layer_norm=True, seed: int = 0, dtype=torch.float64,
-                channel_alpha=False):
+                channel_alpha=False, batch_heads=(B, H)):
     """Well-conditioned inputs as the layer produces them: unit-norm q/k, rates in (0, 1), small initial state.
 
     Conditioning matters for a 1e-9 absolute tolerance: an inner gradient descent that diverges (weights that
     grow without LN, or shrink under LN until it amplifies round-off) turns 1e-16 round-off into any error.
     """
+    B, H = batch_heads
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
     randn = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
@@ -60,10 +61,11 @@ NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
 def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False, impl="auto",
-            channel_alpha=False):
+            channel_alpha=False, batch_heads=(B, H)):
     if impl == "cpu":
         _cpu_kernel()
-    args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm, channel_alpha=channel_alpha)
+    args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm, channel_alpha=channel_alpha,
+                               batch_heads=batch_heads)
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
     fast = run_with_grads(memory_update, args, leaves, compile=compile, impl=impl, **kw)
     ref = run_with_grads(memory_update_reference, args, leaves, **kw)
@@ -94,7 +96,7 @@ def _cpu_kernel():
 
 
 # the compiled C++ kernel, the hand-written-backward Python Function and the per-chunk autograd step
-IMPLS = ["cpu", "fused", "autograd"]
+IMPLS = ["cpu", "autograd"]
 
 
 @pytest.fixture
@@ -174,9 +176,9 @@ def test_equal_channels_equal_scalar_alpha():
 
 
 def test_channel_alpha_impls():
-    """"fused" and "cpu" have no channel-wise form and say so; "auto" and "autograd" run the autograd step."""
+    """"cpu" has no channel-wise form and says so; "auto" and "autograd" run the autograd step."""
     args = _good(channel_alpha=True)
-    for impl in ("fused", "cpu"):
+    for impl in ("cpu",):
         with pytest.raises(ValueError, match=rf"impl='{impl}' does not support channel-wise alpha"):
             memory_update(*args, impl=impl)
     y_auto, *_ = memory_update(*args, impl="auto")
@@ -201,7 +203,7 @@ def test_channel_alpha_without_grad_and_chained():
         assert (a - b).abs().max() <= TOL
 
 
-HAND_WRITTEN = ["cpu", "fused"]  # the paths with a hand-written backward that recomputes from checkpoints
+HAND_WRITTEN = ["cpu"]  # the paths with a hand-written backward on CPU (the Triton kernels: test_ops_memory_triton.py)
 
 
 @pytest.mark.parametrize("impl", HAND_WRITTEN)
@@ -209,12 +211,7 @@ HAND_WRITTEN = ["cpu", "fused"]  # the paths with a hand-written backward that r
 def test_checkpoint_segments(impl, segment, monkeypatch):
     """The hand-written backwards recompute anchors from one stored state per segment of chunks: any segment
     length, including one that does not divide the number of chunks or exceeds it, gives the reference's results."""
-    if impl == "cpu":
-        monkeypatch.setattr(_cpu_kernel(), "SEGMENT", segment)
-    else:
-        from titans_train.ops.neural_memory.fused import ChunkedMemory
-
-        monkeypatch.setattr(ChunkedMemory, "SEGMENT", segment)
+    monkeypatch.setattr(_cpu_kernel(), "SEGMENT", segment)
     compare(37, 4, 2, True, True, impl=impl)
     compare(37, 4, 3, False, True, per_layer_theta=True, impl=impl)
 

@@ -54,7 +54,7 @@ class MemoryConfig:
     channel_alpha: bool = False
     """Channel-wise forgetting gate: one alpha per channel of the memory head (head dim of them per head and token)
     instead of one. Row r of the first memory-MLP layer (key/query feature r) decays with alpha[r], the later layers
-    with the channel mean. Runs the memory op's autograd step (the fused path has no channel-wise form)."""
+    with the channel mean. Runs the memory op's autograd step (the CPU and Triton kernels have no channel-wise form)."""
     residual: bool = True
     """Memory output form M(x) = x + LN(f(x)): the residual part."""
     layer_norm: bool = True

@@ -77,7 +77,7 @@ def memory_update(
             memory layer's weights (input channel r, the key/query feature r, like GLA's gate on the key dimension)
             decays with alpha_t[r], W1_t = diag(1 - alpha_t) W1_{t-1} + S1_t, and every later layer with the
             channel mean alpha_t.mean(-1) (equal channels give exactly the (B, H, T) form). Momentum and theta are
-            unchanged. Channel-wise alpha runs the autograd step ("auto" picks it; "fused" and "cpu" raise ValueError).
+            unchanged. Channel-wise alpha runs the autograd step ("auto" picks it; "cpu" and "triton" raise ValueError).
         weights: L tensors, layer i (B, H, in_i, out_i) with in_1 = out_L = D and out_i = in_{i+1}.
         momentum: L tensors shaped like `weights` (S_0; zeros at the start of a stream).
         chunk_size: tokens per memory chunk (one anchor per chunk). T need not be a multiple of it.
@@ -85,11 +85,13 @@ def memory_update(
             process and shape, which takes tens of seconds on CPU). Same results up to float rounding.
         impl: "cpu" (a C++ kernel built on first use, `ops/neural_memory/cpu_kernel.cpp`: each (batch, head)
             item's chunk loop on one core with direct BLAS calls, a hand-written backward that recomputes anchors
-            from per-segment checkpoints, so little memory; float32/float64 CPU tensors, scalar alpha), "fused"
-            (the same hand-written backward as one Python autograd.Function), "autograd" (the per-chunk step under
-            autograd; the path `compile=True` compiles, and the one used on GPUs and for channel-wise alpha), or
-            "auto" ("cpu" where it applies and builds, unless compile=True; else "autograd"). All give the same
-            results up to float rounding. "cpu" and "fused" are not twice differentiable.
+            from per-segment checkpoints, so little memory; float32/float64 CPU tensors, scalar alpha), "triton"
+            (the same design as Triton kernels, `ops/neural_memory/triton_kernel.py`: one GPU program per (batch,
+            head) item; CUDA tensors, or CPU ones under TRITON_INTERPRET=1; scalar alpha, L <= 3, one hidden width;
+            TF32 matmuls where torch allows them), "autograd" (the per-chunk step under autograd; the path
+            `compile=True` compiles, and the one for channel-wise alpha), or "auto" ("cpu" on CPU and "triton" on
+            CUDA where they apply, unless compile=True; else "autograd"). All give the same results up to float
+            rounding. "cpu" and "triton" are not twice differentiable.
         reset: (B, T) bool, True at the first token of a document packed into the row: the state before that token
             is (`initial`, zero momentum) and a memory chunk starts at it, so each document gives exactly what it
             gives alone from the initial state (`documents.py`). Needs `initial`.

@@ -17,13 +17,13 @@ W1_i = diag(1 - alpha_i) W1_{i-1} + S1_i, so its coefficients gain a channel ind
 G1[i, j, r]) and its scores become a channel-weighted inner product sum_r q_i[r] G1[i, j, r] k_j[r]; the later
 layers use the scalar coefficients of the channel mean. Layer 1's inputs are q and k themselves, so all of that is
 computed before the chunk loop (a few chunks at a time, recomputed in the backward: the (b, b, D) tensors are never
-kept), and the loop's step only swaps layer 1's coefficients. Only `chunk_step` implements it (not the fused
-Function).
+kept), and the loop's step only swaps layer 1's coefficients. Only `chunk_step` implements it (not the kernels).
 
 Three implementations share the coefficients below: `chunk_step` under autograd (optionally torch.compile'd; the
-only one with channel-wise alpha and on GPUs), `cpu.CpuChunkedMemory` (a compiled C++ kernel with a hand-written
-backward: each (batch, head) item's chunk loop on one core, the default on CPU) and `fused.ChunkedMemory` (the same
-hand-written backward in Python, opt-in); `memory_update_chunked(impl=...)` picks one (`choose_impl`).
+only one with channel-wise alpha), `cpu.CpuChunkedMemory` (a compiled C++ kernel with a hand-written backward: each
+(batch, head) item's chunk loop on one core, the default on CPU) and `triton_kernel.TritonChunkedMemory` (the same
+design as Triton kernels, one program per item, the default on CUDA); `memory_update_chunked(impl=...)` picks one
+(`choose_impl`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from torch import Tensor
 
 from . import cpu as cpu_kernel
 from .cpu import CpuChunkedMemory
-from .fused import ChunkedMemory
 
 LN_EPS = 1e-5
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -283,25 +282,16 @@ def memory_update_chunked(
     W = [w.reshape(BH, *w.shape[2:]) for w in weights]  # (BH, in, out)
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
 
-    path = choose_impl(impl, compile, b, q, channel_alpha=channel)
-    if path in ("cpu", "fused"):  # the hand-written backwards take the coefficients stacked
+    path = choose_impl(impl, compile, b, q, channel_alpha=channel, dims=[D] + [w.shape[-1] for w in weights])
+    if path in ("cpu", "triton"):  # the hand-written backwards take the coefficients stacked
         BF = torch.stack([c["Bc"], c["F"]], dim=-2)  # (BH, N, 2, b)
         E3 = torch.stack([end["Bc"], end["P"], end["F"]], dim=-1)  # (BH, N, 3)
         GS = torch.stack([G_end, S_end], dim=-2)  # (BH, N, L, 2, b)
-    if path == "cpu":
-        out, *state = CpuChunkedMemory.apply(residual, layer_norm, qc.contiguous(), kc.contiguous(), vc.contiguous(),
-                                             BF, c["G"].contiguous(), E3, GS, *(w.contiguous() for w in W),
-                                             *(s.contiguous() for s in S))
+        # same inputs and outputs, (batch, head)-major
+        fn = CpuChunkedMemory if path == "cpu" else _triton().TritonChunkedMemory
+        out, *state = fn.apply(residual, layer_norm, qc.contiguous(), kc.contiguous(), vc.contiguous(), BF,
+                               c["G"].contiguous(), E3, GS, *(w.contiguous() for w in W), *(s.contiguous() for s in S))
         return _finish(out, qc, state[:L], state[L:], B, H, T, D, residual, layer_norm)
-
-    if path == "fused":
-        major = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (BH, N, ...) -> (N, BH, ...)
-        BF, E3, GS = major(BF), major(E3), major(GS)
-        out, *state = ChunkedMemory.apply(residual, layer_norm, major(qc), major(kc), major(vc), BF, major(c["G"]),
-                                          E3, GS, *(w.contiguous() for w in W), *(s.contiguous() for s in S))
-        out = out.transpose(0, 1)  # (BH, N, b, D)
-        W, S = state[:L], state[L:]
-        return _finish(out, qc, W, S, B, H, T, D, residual, layer_norm)
 
     # unbind once: indexing chunk n inside the loop would make every backward step allocate a full-size gradient.
     q_chunks, k_chunks, v_chunks = qc.unbind(1), kc.unbind(1), vc.unbind(1)
@@ -344,21 +334,38 @@ def _channel_terms(qc, kc, theta1, deta, P, alpha, last) -> list[tuple[Tensor, .
                     Ke.unbind(1)))
 
 
-# The fused Function (fused.py) is opt-in (impl="fused"): on CPU the compiled kernel (cpu.py) is faster at every chunk
-# size measured, and on GPUs the fused path has not been timed.
-IMPLS = ("auto", "cpu", "fused", "autograd")
+IMPLS = ("auto", "cpu", "triton", "autograd")
 
 
-def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: bool = False) -> str:
-    """Which implementation runs: "cpu" (the compiled CPU kernel, cpu.py), "fused" (fused.py) or "autograd" (the
-    per-chunk step under autograd, compiled when compile=True).
+def _triton():
+    """The Triton kernels (triton_kernel.py), imported on first use: triton is optional and its import is slow."""
+    from . import triton_kernel
+
+    return triton_kernel
+
+
+def _triton_error(q: Tensor, dims, chunk: int) -> str | None:
+    """Why the Triton kernels cannot run these inputs (None when they can)."""
+    try:
+        _triton().check_supported(q, dims, chunk)
+    except ImportError as e:
+        return f"triton is not installed ({e}); pip install triton (CUDA builds of torch ship it)"
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: bool = False, dims=()) -> str:
+    """Which implementation runs: "cpu" (the compiled CPU kernel, cpu.py), "triton" (triton_kernel.py) or "autograd"
+    (the per-chunk step under autograd, compiled when compile=True).
 
     "auto" takes the CPU kernel for float32/float64 CPU tensors with scalar (per-head) alpha when it builds on this
-    machine and compile=False, else the autograd step. An explicit choice that cannot run raises a ValueError (or a
-    RuntimeError saying why the CPU kernel did not build)."""
+    machine and compile=False, the Triton kernels for CUDA tensors with scalar alpha and compile=False when triton
+    imports and supports the memory's widths (`dims`: D, hidden..., D) and chunk size, else the autograd step. An explicit choice
+    that cannot run raises a ValueError (or a RuntimeError saying why the CPU kernel did not build)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
-    if channel_alpha and impl in ("fused", "cpu"):  # both have scalar decay coefficients only
+    if channel_alpha and impl in ("cpu", "triton"):  # scalar decay coefficients only
         raise ValueError(f"impl={impl!r} does not support channel-wise alpha (alpha of shape (B, H, T, D)); "
                          "use impl='autograd' or 'auto'")
     kernel_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
@@ -368,9 +375,16 @@ def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: 
         if not cpu_kernel.available():
             raise RuntimeError(f"impl='cpu': the CPU kernel did not build ({cpu_kernel.build_error()})")
         return "cpu"
+    if impl == "triton":
+        why = _triton_error(q, dims, chunk)
+        if why is not None:
+            raise ValueError(why)
+        return "triton"
     if impl == "auto":
         if kernel_ok and not channel_alpha and not compile and cpu_kernel.available():
             return "cpu"
+        if q.is_cuda and not channel_alpha and not compile and _triton_error(q, dims, chunk) is None:
+            return "triton"
         return "autograd"
     return impl
 

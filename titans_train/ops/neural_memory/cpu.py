@@ -3,8 +3,8 @@
 Why C++: at chunk 16 every matmul of the op is tiny (16 x 64 x 256), so the Python paths spend their time in
 per-op dispatch and in reading and writing the (batch, head)-batched state between small kernels. The kernel runs
 each (batch, head) item's whole chunk sequence on one thread, its state in that core's cache, with one direct
-BLAS call per matmul. Same math, inputs and outputs as `fused.ChunkedMemory` (whose docstring derives the
-backward), but (batch, head)-major.
+BLAS call per matmul; the backward is derived step by step in the kernel's comments. `triton_kernel.py` is the same
+design for GPUs.
 
 The kernel is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; about
 30 s, cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR). `available()` says whether it can be used;

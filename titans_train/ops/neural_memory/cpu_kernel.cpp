@@ -1,8 +1,9 @@
 // CPU kernel of the chunked dual form (TITANS.md section 2): forward and hand-written backward.
 //
-// Same math as fused.py (the Python autograd.Function it replaces on CPU); see that file for the derivation of the
-// backward. What differs is the organisation: every (batch, head) item runs its whole sequence of memory chunks on
-// one thread (at::parallel_for over batch * heads), with its fast-weight state (a few hundred KB) staying in that
+// The backward is the adjoint of each forward step in reverse, derived by hand in the comments of backward_impl
+// (query side, state update, the delta chain's second-order terms, the LayerNorm backward's own derivative, the
+// key-side chain); triton_kernel.py follows the same steps on GPUs. Every (batch, head) item runs its whole sequence
+// of memory chunks on one thread (at::parallel_for over batch * heads), with its fast-weight state (a few hundred KB) staying in that
 // core's cache, and every matmul is one direct BLAS call on row-major blocks (no dispatcher, no autograd graph, no
 // per-chunk Python). The backward recomputes each segment of K chunks from a per-segment state checkpoint.
 //

@@ -5,7 +5,7 @@ into documents at the reset tokens, and run each document as if alone: its memor
 token and its state starts at (initial weights, zero momentum). The tokens before the row's first reset continue
 from the given state, as without resets.
 
-How, exactly and on every implementation (CPU kernel, autograd step, fused) unchanged:
+How, exactly and on every implementation (CPU kernel, Triton kernels, autograd step) unchanged:
   * Layout (`document_layout`): per row, each document starts at a memory-chunk boundary of a padded row of
     N * chunk_size slots. The slots after a document's last token up to the next boundary are padding (zero
     q/k/v, theta 0, eta 1, alpha 0); they come after the document's real tokens, so no real token reads them (the
