@@ -53,7 +53,10 @@ TT prepare builtin --out /tmp/builtin > "$OUT/prepare.txt" 2>&1
 # skips the first step, which pays for compiling the Triton kernels (MAG) and flex attention
 train() {  # train MODEL SEQ SECONDS
   local model=$1 seq=$2 batch=$(( 16384 / $2 )); [ "$batch" -lt 1 ] && batch=1
-  step "train_${model}_${seq}" "$3" python3 -c 'import sys; from titans_train.cli import main; sys.exit(main())' \
+  # TF32 for fp32 matmuls (the memory op computes in fp32 under bf16 autocast; its Triton kernels follow torch's
+  # setting, which the trainer leaves at "highest")
+  step "train_${model}_${seq}" "$3" python3 -c 'import sys, torch; torch.set_float32_matmul_precision("high")
+from titans_train.cli import main; sys.exit(main())' \
     fit "recipes/$model.yaml" data.path=/tmp/builtin data.tokenizer=manifest data.chunk_len=$seq \
     model.max_seq_len=$seq data.n_chunks=1 data.batch_size=$batch data.num_workers=2 train.val_at_start=false \
     trainer.max_steps=8 trainer.log_every_steps=2 trainer.val_every_steps=1000 optim.warmup_steps=2 \

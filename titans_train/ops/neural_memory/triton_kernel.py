@@ -611,11 +611,6 @@ MAX_GPU_CHUNK = 32
 
 def check_supported(q: torch.Tensor, dims, chunk: int) -> None:
     """ValueError naming what the Triton kernels cannot run: device, dtype, depth, hidden widths, chunk size."""
-    if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
-        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones), got {q.device}")
-    if q.device.type == "cuda" and chunk > MAX_GPU_CHUNK:
-        raise ValueError(f"impl='triton' runs memory chunks of up to {MAX_GPU_CHUNK} tokens on GPUs (shared memory), "
-                         f"got chunk_size={chunk}")
     if q.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"impl='triton' computes in float32/float64, got {q.dtype}")
     L = len(dims) - 1
@@ -623,6 +618,11 @@ def check_supported(q: torch.Tensor, dims, chunk: int) -> None:
         raise ValueError(f"impl='triton' supports 1..{MAX_LAYERS} memory layers, got len(weights)={L}")
     if len(set(dims[1:-1])) > 1:
         raise ValueError(f"impl='triton' needs one hidden width for all memory layers, got widths {list(dims[1:-1])}")
+    if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
+        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones), got {q.device}")
+    if q.device.type == "cuda" and chunk > MAX_GPU_CHUNK:
+        raise ValueError(f"impl='triton' runs memory chunks of up to {MAX_GPU_CHUNK} tokens on GPUs (shared memory), "
+                         f"got chunk_size={chunk}")
 
 
 def _meta(q: torch.Tensor, dims, residual: bool, layer_norm: bool) -> dict:
