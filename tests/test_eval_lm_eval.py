@@ -75,11 +75,32 @@ def test_local_tasks_through_the_harness_evaluator(model, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     write_tasks(tmp_path)
     r = run_lm_eval(model, TOK, ["titans_local_choice", "titans_local_gen"], include_path=str(tmp_path),
-                    piece_len=7, include_defaults=False)
+                    piece_len=7)
     expected = sum(max(range(len(d["choices"])), key=lambda i: full_logprob(model, d["context"], d["choices"][i])[0])
                    == d["answer"] for d in DOCS) / len(DOCS)
     acc = r["results"]["titans_local_choice"]["acc,none"]
     assert math.isclose(acc, expected), (acc, expected)
     assert 0.0 <= r["results"]["titans_local_gen"]["exact_match,none"] <= 1.0
-    with pytest.raises(ValueError, match="unknown lm-eval task"):
-        run_lm_eval(model, TOK, ["no_such_task_here"], include_path=str(tmp_path), include_defaults=False)
+
+
+def test_cli_lm_eval_on_an_export(tmp_path, monkeypatch, capsys):
+    """`titans-train eval EXPORT --task lm-eval --tasks ... --include-path DIR` (an unknown task is a one-line error
+    too, but finding out indexes the harness's thousands of tasks: minutes, so not tested here)."""
+    from safetensors.torch import save_model
+
+    from titans_train.cli import main
+    from titans_train.train import build as B
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_tasks(tmp_path)
+    recipe, resolved = B.load_recipe("recipes/tiny_niah_mag.yaml", ["model.dim=32", "model.n_layers=1"])
+    export = tmp_path / "export"
+    export.mkdir()
+    save_model(B.build_model(recipe), str(export / "model.safetensors"))
+    (export / "recipe.yaml").write_text(B.recipe_yaml(resolved))
+    (export / "tokenizer.json").write_text(TOK.serialize())
+    assert main(["eval", str(export), "--task", "lm-eval", "--tasks", "titans_local_choice", "--include-path",
+                 str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "lm-eval.json").read_text())
+    assert 0 <= res["results"]["titans_local_choice"]["acc,none"] <= 1
+    assert "titans_local_choice: acc" in capsys.readouterr().out

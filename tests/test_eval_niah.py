@@ -99,3 +99,21 @@ def test_lengths_below_the_prompt_are_errors():
     with pytest.raises(ValueError, match="below the prompt"):
         N.make_sample(prompt - 1, 0.5, needle, N.noise_haystack(TOK))
     assert N.make_sample(prompt, 0.5, needle, N.noise_haystack(TOK)).haystack_len == 0
+
+
+def test_passkey_documents_are_niah_prompts_with_their_answer():
+    opts = N.parse_passkey_spec("passkey:docs=50,digits=2,min_len=300,max_len=900")
+    assert opts == {"docs": 50, "digits": 2, "min_len": 300, "max_len": 900}
+    for i in range(20):
+        doc = N.passkey_document(i, 2, 300, 900)
+        assert 300 <= len(doc) <= 900 and doc == N.passkey_document(i, 2, 300, 900)
+        prompt, value = doc[:-3], doc[-3:-1]
+        assert value.isdigit() and doc.endswith("\n")
+        assert prompt.endswith(N.QUESTION.format(key="the passkey"))
+        assert N.NEEDLE.format(key="the passkey", value=value) in prompt
+        hay = prompt.replace(N.NEEDLE.format(key="the passkey", value=value), "", 1)
+        assert prompt.index(N.NEEDLE[:10]) % len(N.FILLER) == 0  # at a paragraph boundary, as make_sample puts it
+        assert hay.startswith(N.FILLER[: min(20, len(hay))]) or hay.startswith(N.QUESTION[:10])
+    for bad in ("passkey:docs=0", "passkey:size=3", "passkey:min_len=10", "passkey:min_len=900,max_len=800"):
+        with pytest.raises(ValueError, match="source passkey"):
+            N.parse_passkey_spec(bad)

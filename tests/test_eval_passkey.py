@@ -1,7 +1,9 @@
 """Passkey retrieval beyond the training length: tiny LMM and MAG trained at <= 512 tokens on the niah prompt
 format (one-digit passkey, noise haystack; chance 0.1) retrieve the passkey at 32K tokens, streamed through the
 state, while a sliding-window Transformer++ of the same size stays near chance. Minutes: marked slow
-(`pytest -m slow tests/test_eval_passkey.py`); the measured numbers are in BENCHMARKS.md."""
+(`pytest -m slow tests/test_eval_passkey.py`); the measured numbers are in BENCHMARKS.md (LMM 0.55 at 32K after
+210 s of one core's training, 1.00 at 512 and 2K, 0.80 at 8K; MAG 0.90 at 32K on 10 samples; the sliding-window
+Transformer++ 0.20 at 32K on 10 samples), so the LMM bound holds with little margin."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 TASKS = ("ppl", "niah", "lm-eval")
@@ -114,6 +115,7 @@ def _progress(total: int, what: str):
 
 
 def _ppl(args, recipe, model, tok, out):
+    from titans_train.data.shards import Manifest
     from titans_train.eval.plots import plot_ppl
     from titans_train.eval.ppl import documents, evaluate_ppl
 
@@ -121,8 +123,6 @@ def _ppl(args, recipe, model, tok, out):
     window = args.window or recipe.data.n_chunks * recipe.data.chunk_len
     if window < 1 or (args.max_tokens is not None and args.max_tokens < 1):
         raise ValueError(f"--window {window} and --max-tokens {args.max_tokens} must be >= 1")
-    from titans_train.data.shards import Manifest
-
     total = sum(s.tokens for s in Manifest(path).shards(args.split))
     bar, advance = _progress(min(total, args.max_tokens or total), "ppl tokens")
     with bar:
@@ -139,10 +139,10 @@ def _ppl(args, recipe, model, tok, out):
 
 
 def _niah(args, recipe, model, tok, out):
-    from titans_train.eval.niah import CorpusHaystack, evaluate_niah, make_needle, make_sample, noise_haystack
+    from titans_train.eval.niah import (KEYS, CorpusHaystack, evaluate_niah, make_needle, make_needle_with_key,
+                                        make_sample, noise_haystack)
     from titans_train.eval.plots import plot_niah
     from titans_train.train.callbacks.memory import peak_rss_gib
-    import random
 
     tok = _need_tok(tok, args)
     if args.samples < 1 or not args.lengths or not args.depths:
@@ -154,7 +154,9 @@ def _niah(args, recipe, model, tok, out):
     else:
         haystack = noise_haystack(tok)
     probe = make_needle(args.needle, tok, random.Random(0), args.digits)
-    for length in args.lengths:  # every error before the first sample
+    longest = max(KEYS, key=lambda k: len(tok.encode(k))) if args.needle != "passkey" else probe.key
+    probe = make_needle_with_key(probe, longest, tok)
+    for length in args.lengths:  # every error before the first sample (the longest key makes the longest prompt)
         make_sample(length, 0.0, probe, haystack)
     bar, advance = _progress(sum(args.lengths) * len(args.depths) * args.samples, "niah tokens")
     with bar:

@@ -118,15 +118,17 @@ class TitansEvalLM(LM):
 
 
 def run_lm_eval(model, tok, tasks: list[str], *, include_path: str | None = None, limit: float | None = None,
-                num_fewshot: int | None = None, piece_len: int = 1024, include_defaults: bool = True) -> dict:
+                num_fewshot: int | None = None, piece_len: int = 1024) -> dict:
     """Run lm-eval `tasks` through the harness's own evaluator (`simple_evaluate`); returns its per-task metrics.
-    `include_defaults=False` indexes only the tasks under `include_path` (the harness's own thousands take a while)."""
+    Tasks found under `include_path` alone are run without indexing the harness's thousands of built-in ones."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ValueError("--task lm-eval needs lm-eval: pip install -e '.[eval]'") from None
-    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"--tasks: unknown lm-eval task {unknown[0]!r} (see `lm_eval ls tasks`, or --include-path DIR)")

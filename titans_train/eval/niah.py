@@ -56,6 +56,12 @@ def make_needle(kind: str, tok, rng: random.Random, digits: int | None = None) -
     return Needle(key, value, _ids(tok, NEEDLE.format(key=key, value=value)), _ids(tok, QUESTION.format(key=key)))
 
 
+def make_needle_with_key(needle: Needle, key: str, tok) -> Needle:
+    """The same value under another key."""
+    return Needle(key, needle.value, _ids(tok, NEEDLE.format(key=key, value=needle.value)),
+                  _ids(tok, QUESTION.format(key=key)))
+
+
 def _digits(rng: random.Random, n: int) -> str:
     return "".join(str(rng.randrange(10)) for _ in range(n))
 
