@@ -112,9 +112,13 @@ def run_stream(case: str, total: int, args) -> dict:
     g = torch.Generator().manual_seed(0)
     model(torch.randint(0, VOCAB, (1, min(args.piece, 512)), generator=g))  # warm-up
     base = max(rss_mib(), max_rss_mib())
-    state, t0 = None, time.perf_counter()
+    state, t0, report = None, time.perf_counter(), 16384
     for start in range(0, total, args.piece):
         _, state = model(torch.randint(0, VOCAB, (1, min(args.piece, total - start)), generator=g), state)
+        if state.pos >= report and state.pos < total:  # progress: max RSS so far, at each power of two
+            print("PROGRESS " + json.dumps({"tokens": state.pos, "seconds": time.perf_counter() - t0,
+                                            "max_rss_mib": max_rss_mib()}), flush=True)
+            report *= 2
     seconds = time.perf_counter() - t0
     return {"part": "stream", "case": case, "T": total, "seconds": seconds, "tokens_per_s": total / seconds,
             "peak_mib": max_rss_mib() - base, "max_rss_mib": max_rss_mib()}
