@@ -8,7 +8,7 @@ Three parts (`--parts`):
             each (case, T) once, best of `--rounds`.
   stream    feed `--stream-tokens` tokens (default 2,097,152) in pieces of `--piece` through the state (no grad),
             MAG and LMM; and the same for 16K tokens, whose peak RSS is the reference.
-  generate  time per generated token (32 tokens, greedy, through the state) after a 512- and a 32K-token prompt.
+  generate  time per generated token (`--gen-tokens`, greedy, through the state) after a 512- and a 32K-token prompt.
 
 Every measurement runs in its own subprocess (so its peak memory is its own) with the CPU runtime defaults that
 `titans-train` sets (`titans_train.cli.cpu_runtime_defaults`: OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1)
@@ -112,9 +112,13 @@ def run_stream(case: str, total: int, args) -> dict:
     g = torch.Generator().manual_seed(0)
     model(torch.randint(0, VOCAB, (1, min(args.piece, 512)), generator=g))  # warm-up
     base = max(rss_mib(), max_rss_mib())
-    state, t0 = None, time.perf_counter()
+    state, t0, report = None, time.perf_counter(), 16384
     for start in range(0, total, args.piece):
         _, state = model(torch.randint(0, VOCAB, (1, min(args.piece, total - start)), generator=g), state)
+        if state.pos >= report and state.pos < total:  # progress: max RSS so far, at each power of two
+            print("PROGRESS " + json.dumps({"tokens": state.pos, "seconds": time.perf_counter() - t0,
+                                            "max_rss_mib": max_rss_mib()}), flush=True)
+            report *= 2
     seconds = time.perf_counter() - t0
     return {"part": "stream", "case": case, "T": total, "seconds": seconds, "tokens_per_s": total / seconds,
             "peak_mib": max_rss_mib() - base, "max_rss_mib": max_rss_mib()}
@@ -131,7 +135,7 @@ def run_generate(case: str, prompt_len: int, args) -> dict:
     for _ in range(4):  # warm-up
         logits, state = model(nxt, state)
         nxt = logits[:, -1:].argmax(-1)
-    n, t0 = 32, time.perf_counter()
+    n, t0 = args.gen_tokens, time.perf_counter()
     for _ in range(n):
         logits, state = model(nxt, state)
         nxt = logits[:, -1:].argmax(-1)
@@ -154,7 +158,7 @@ def child(args) -> int:
 def spawn(part: str, case: str, T: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child-part", part, "--child-case", case, "--child-T", str(T),
            "--threads", str(args.threads), "--dim", str(args.dim), "--layers", str(args.layers),
-           "--heads", str(args.heads), "--piece", str(args.piece)]
+           "--heads", str(args.heads), "--piece", str(args.piece), "--gen-tokens", str(args.gen_tokens)]
     env = dict(os.environ)
     cpu_runtime_defaults(env)  # what `titans-train` sets: passive OpenMP wait, huge pages for large tensors
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -251,6 +255,7 @@ def main() -> int:
     p.add_argument("--stream-variants", nargs="+", default=["mag", "lmm"], choices=OURS)
     p.add_argument("--generate-variants", nargs="+", default=["mag", "lmm", "transformer"], choices=OURS)
     p.add_argument("--prompts", type=int, nargs="+", default=[512, 32768])
+    p.add_argument("--gen-tokens", type=int, default=64, help="generated tokens timed after each prompt")
     p.add_argument("--piece", type=int, default=4096, help="tokens per call when streaming / feeding a prompt")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--dim", type=int, default=256)

@@ -140,7 +140,9 @@ class Attention(nn.Module):
         prefix = self.persistent_kv(B)
         n_prefix = self.n_persistent
         plain_causal = n_prefix == 0 and n_cached == 0 and (self.window is None or self.window >= T)
-        if self.window is not None and not plain_causal and not _use_flex(q, self.backend, False):
+        # Beyond 2 windows, blockwise: O(T x window). Up to 2 windows (short pieces, decoding) the dense mask below is
+        # at most (2 window, P + 3 window), as small as the blocks, and one plain call.
+        if self.window is not None and T > 2 * self.window and not _use_flex(q, self.backend, False):
             y = sliding_window_attention(q, k, v, self.window, prefix=prefix, q_start=pos, kv_start=pos - n_cached)
             return self._out(y), new_cache
         if prefix is not None:
