@@ -2,7 +2,8 @@
 
 With the inner step not normalised to the memory layers' input norms, the unrolled inner updates were unstable
 (per-chunk step far above the inner loss's curvature limit) and the step-1 gradient norm of LMM/MAL was ~1e6 x the
-transformer's at the mini config (MAG ~1e4x); LayerNorm hid it in the forward. See NeuralMemory's docstring.
+transformer's at the mini config (MAG ~1e4x; at this file's small config MAG 129x); LayerNorm hid it in the
+forward. See NeuralMemory's docstring.
 """
 
 from __future__ import annotations
@@ -58,4 +59,4 @@ def test_unnormalised_inner_step_is_what_blows_up():
     torch.set_num_threads(1)
     old = dict(inner_step="plain", init_scale="fan_in", value_norm=False)
     ref = _grad_norm("transformer", {}, **SMALL)
-    assert _grad_norm("lmm", old, **SMALL) / ref > 100
+    assert _grad_norm("mag", old, **SMALL) / ref > 30  # measured 129x (2.0x with the defaults)
