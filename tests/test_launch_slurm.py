@@ -85,7 +85,7 @@ def test_submit_without_sbatch_is_a_clear_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, _, err = launch(capsys, str(__import__("pathlib").Path(__file__).parents[1] / RECIPE), "--nodes", "1",
                         "--gpus-per-node", "8", "launch.log_dir=logs")
-    assert rc == 2 and "sbatch not found" in err and (tmp_path / "logs" / "titans.sbatch").is_file()
+    assert rc == 2 and "sbatch not found" in err and (tmp_path / "logs" / "mag_760m.sbatch").is_file()  # <logging.run_name>.sbatch
 
 
 # --- strategies from the recipe -----------------------------------------------------------------------------------
