@@ -59,6 +59,8 @@ def window_step(
         (n_chunks,) detached (fp32 or fp64) mean cross-entropy of each chunk. The window loss given to `backward`
         is the mean over all tokens of the window, i.e. the mean of these, times `scale`.
     """
+    if reset_memory not in ("token", "chunk", "none"):
+        raise ValueError(f"reset_memory must be 'token', 'chunk' or 'none', got {reset_memory!r}")
     B, L1 = tokens.shape
     if (L1 - 1) % chunk_len != 0:
         raise ValueError(f"window length {L1 - 1} (tokens.shape[1] - 1) is not a multiple of chunk_len={chunk_len}")
