@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 SIZE_RE = r"(lmm|mac|mag|mal|transformer)_\d+m\.yaml"
 SIZED = sorted(p for p in RECIPES.glob("*.yaml") if re.fullmatch(SIZE_RE, p.name))
-TINY = sorted(p for p in RECIPES.glob("tiny*.yaml"))
+TINY = sorted(p for p in RECIPES.glob("tiny*.yaml") if not p.name.startswith("tiny_niah"))
+NIAH = sorted(RECIPES.glob("tiny_niah_*.yaml"))  # passkey data; dry-run on the built-in corpus (same tokenizer)
+MINI = sorted(RECIPES.glob("mini_*.yaml"))
 LONG_SIZED = sorted(p for p in (RECIPES / "long").glob("*.yaml") if re.fullmatch(SIZE_RE, p.name))
 LONG_TINY = sorted((RECIPES / "long").glob("tiny_*.yaml"))
 TINY_DIMS = ["model.dim=64", "model.n_layers=1", "model.mlp_hidden=128", "model.max_seq_len=64", "model.n_persistent=4",
@@ -43,8 +45,8 @@ TINY_DIMS = ["model.dim=64", "model.n_layers=1", "model.mlp_hidden=128", "model.
 
 
 def test_every_recipe_file_is_covered():
-    top = {p.name for p in RECIPES.glob("*.yaml")} - {p.name for p in RECIPES.glob("mini_*.yaml")}
-    assert top == {p.name for p in SIZED + TINY}, sorted(top)
+    top = {p.name for p in RECIPES.glob("*.yaml")}
+    assert top == {p.name for p in SIZED + TINY + NIAH + MINI}, sorted(top)
     assert len(SIZED) == 20 and len(TINY) == 6
     assert {p.name for p in LONG_SIZED} == {p.name for p in SIZED}, "one long-window stage per 4K recipe"
     assert {p.name for p in LONG_TINY} == {p.name for p in TINY if p.name != "tiny.yaml"}
@@ -85,6 +87,13 @@ def test_tiny_recipe_dry_run_as_shipped(recipe, data_dir, tmp_path, capsys):
     recipe_obj, _ = load(recipe)
     assert recipe_obj.data.path == "data/builtin" and recipe_obj.trainer.max_steps == 300
     dry_run(recipe, [f"data.path={data_dir}", f"logging.out_dir={tmp_path}"], capsys)
+
+
+@pytest.mark.parametrize("recipe", NIAH + MINI, ids=[p.stem for p in NIAH + MINI])
+def test_niah_and_mini_recipes_dry_run(recipe, data_dir, tmp_path, capsys):
+    """The passkey recipes (their data is `prepare passkey`'s; the dry run reads the built-in corpus, same byte
+    tokenizer) and the quality benchmark's mini recipes, as shipped otherwise."""
+    dry_run(recipe, [f"data.path={data_dir}", f"logging.out_dir={tmp_path}", "data.num_workers=0"], capsys)
 
 
 @pytest.mark.parametrize("recipe", LONG_SIZED, ids=[p.stem for p in LONG_SIZED])
