@@ -71,6 +71,20 @@ def test_rope_is_relative():
     assert abs(score(5, 2) - score(5, 3)) > 1e-6
 
 
+def test_rope_angles_stay_exact_at_millions_of_tokens():
+    """fp32 cos/sin at position ~2M equal the float64 ones to fp32 rounding (fp32 angles were ~0.1 rad off)."""
+    import math
+
+    pos = torch.tensor([2_097_151, 3_000_017, 7])
+    cos32, sin32 = rope_cos_sin(pos, 64, 10000.0, torch.float32)
+    assert cos32.dtype == torch.float32
+    inv = [10000.0 ** (-i / 64) for i in range(0, 64, 2)]
+    ref_cos = torch.tensor([[math.cos(p * f) for f in inv] for p in pos.tolist()])
+    ref_sin = torch.tensor([[math.sin(p * f) for f in inv] for p in pos.tolist()])
+    assert (cos32.double() - ref_cos.double()).abs().max() < 1e-6
+    assert (sin32.double() - ref_sin.double()).abs().max() < 1e-6
+
+
 def test_rmsnorm_and_swiglu():
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     n = RMSNorm(16).double()
