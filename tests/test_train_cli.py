@@ -153,7 +153,8 @@ def _error(r):
     ("trainer.max_steps=ten", "trainer.max_steps='ten' must be of type int"),
     ("data.path=/nonexistent/shards", "run `titans-train prepare builtin --out /nonexistent/shards`"),
     ("model.vocab_size=200", "model.vocab_size=200 is smaller than the vocabulary of the tokenizer"),
-], ids=["unknown-key", "unknown-section", "wrong-type", "missing-data", "vocab-too-small"])
+    ("trainer.matmul_precision=tf32", "trainer.matmul_precision: must be highest, high or medium; got 'tf32'"),
+], ids=["unknown-key", "unknown-section", "wrong-type", "missing-data", "vocab-too-small", "matmul-precision"])
 def test_bad_recipe_input(override, expect, tmp_path, data_dir):
     r = cli("fit", "recipes/tiny.yaml", f"data.path={data_dir}", f"logging.out_dir={tmp_path}", override, check=False)
     assert expect in _error(r)

@@ -105,6 +105,15 @@ def resolve_precision(recipe) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
+def apply_matmul_precision(recipe) -> None:
+    """trainer.matmul_precision on CUDA runs (TF32 for fp32 matmuls and cuDNN convs unless `highest`)."""
+    import torch
+
+    if torch.cuda.is_available() and recipe.trainer.accelerator in ("auto", "gpu", "cuda"):
+        torch.set_float32_matmul_precision(recipe.trainer.matmul_precision)
+        torch.backends.cudnn.allow_tf32 = recipe.trainer.matmul_precision != "highest"
+
+
 def resume_path(recipe) -> Path | None:
     """The checkpoint `checkpoint.resume` asks for: auto = newest valid in the checkpoint dir; none; a path."""
     from titans_train.train.checkpoint import is_valid, newest_valid

@@ -101,6 +101,10 @@ class TrainerConfig:
     """auto | ddp | fsdp (FSDP2) | deepspeed_stage_2 | deepspeed_stage_3 (GPU); see strategies.py."""
     precision: str = "auto"
     """auto = bf16-mixed on GPU (memory math stays fp32), 32-true on CPU; or a Lightning value."""
+    matmul_precision: str = "high"
+    """CUDA only: torch.set_float32_matmul_precision for the fp32 matmuls/convs left under bf16 autocast (the
+    memory op's, fp32 runs): `high` lets them use TF32 tensor cores (Lightning's advice on Ampere and later),
+    `highest` keeps full fp32, `medium` allows bf16. CPU runs are never changed."""
     max_steps: int = 1000
     """Optimiser steps."""
     val_every_steps: int = 200
@@ -119,6 +123,8 @@ class TrainerConfig:
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "trainer.strategy", f"must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         _check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.matmul_precision in ("highest", "high", "medium"), "trainer.matmul_precision",
+               f"must be highest, high or medium; got {self.matmul_precision!r}")
         _check(self.val_every_steps >= 1, "trainer.val_every_steps", "must be >= 1")
         _check(self.log_every_steps >= 1, "trainer.log_every_steps", "must be >= 1")
 

@@ -105,6 +105,7 @@ def build_trainer(recipe, yaml_text: str, resolved: dict, lit, *, run_id, dry_ru
         if fresh and recipe.train.val_at_start and recipe.data.val_split:
             sanity = recipe.data.val_batches if recipe.data.val_batches is not None else -1
     has_val = bool(recipe.data.val_split)
+    B.apply_matmul_precision(recipe)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

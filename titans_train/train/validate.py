@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     state = B.checkpoint_weights(args.ckpt)  # consolidated on this one process, whatever wrote it
     lit = B.lit_module(recipe, resolved, model)
     lit.load_state_dict(state)
+    B.apply_matmul_precision(recipe)
     trainer = L.Trainer(
         accelerator=recipe.trainer.accelerator,
         devices=1,
