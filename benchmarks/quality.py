@@ -19,6 +19,8 @@ Prints a table, writes `quality.json` (per-step loss and gradient norm, evaluati
     python benchmarks/quality.py                          # one seed, our 6 models + 2 peers, 256 steps (~1M tokens)
     python benchmarks/quality.py --seeds 3 --models lmm mag transformer
     python benchmarks/quality.py --steps 500 --eval-tokens 0    # training curves and gradient norms only
+    python benchmarks/quality.py --models mag --first-seed 1 --seeds 2 --out A   # a share of the work per process,
+    python benchmarks/quality.py --merge A B C --out results     # then one table
 
 Bits per byte: the byte tokenizer has one token per byte plus an end-of-document token, so nats/token / ln 2 is
 bits/byte up to the share of end tokens (< 0.01%).
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"of {', '.join([*OURS, *PEERS])} (default: all but titans_pytorch_mac, ~8x slower here)")
     p.add_argument("--seeds", type=int, default=1, help="how many seeds (each: init and batches)")
     p.add_argument("--first-seed", type=int, default=0,
-                   help="seeds first..first+N-1: split one table's seeds over processes, then merge_quality.py")
+                   help="seeds first..first+N-1: split one table's seeds or models over processes, then --merge")
     p.add_argument("--steps", type=int, default=256, help="training steps (256 x 8 x 512 = 1.05M tokens)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
@@ -355,11 +357,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=str(ROOT / "data" / "builtin"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="no training: merge the quality.json of these --out directories (their seeds and models) "
+                        "into one table, JSON and PNG under --out")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="recipe overrides for our models (e.g. model.memory.inner_step=plain)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     data = Path(args.data)
     if not (data / "manifest.json").exists():
         sys.exit(f"{data} holds no prepared data: run `titans-train prepare builtin --out {data}` first")
@@ -390,6 +397,22 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results_by_seed, seeds))
     plot(results_by_seed, seeds, out / "quality.png")
     print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}; load at end {os.getloadavg()}")
+
+
+def merge(dirs: list[str], out: Path) -> None:
+    """One table from runs split over processes: seed -> model -> record, later directories filling in."""
+    results: dict = {}
+    for d in dirs:
+        part = json.loads((Path(d) / "quality.json").read_text())
+        for seed, runs in part.items():
+            if seed.isdigit():
+                results.setdefault(seed, {}).update(runs)
+    seeds = sorted(int(s) for s in results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"merged_from": dirs, **results}))
+    print(table(results, seeds))
+    plot(results, seeds, out / "quality.png")
+    print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
 
 
 if __name__ == "__main__":
