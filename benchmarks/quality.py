@@ -3,7 +3,9 @@
 Every model is trained on the same batches (byte tokens of the built-in corpus's train split, windows of 512
 sampled with the run's seed), with the same schedule (AdamW, linear warm-up then cosine, clipping, weight decay on
 matrices only) and the same seed, at a matched parameter count (`--params`, 3.3M by default: each model's MLP width
-is solved for it, within 5%). Then, on held-out text (the validation split):
+is solved for it, within 5%). Our models restart their memory at document starts (the token after an end token),
+as `titans-train fit` does by default (train.reset_memory=token), in training and in both evaluations.
+Then, on held-out text (the validation split):
 
 - windowed: bits per byte on fixed 512-token windows, each from a fresh state, and by position in the window;
 - streamed: the same targets fed through the model's state in 512-token pieces over the whole held-out stretch

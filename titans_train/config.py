@@ -75,6 +75,9 @@ class MemoryConfig:
     first layer, expansion x head dim x E[gelu^2] for later ones), so theta's [0, max_lr] range is the same bounded
     step on every layer; `plain`: theta as is (the second layer's step is then ~100x past its stability limit:
     step-1 gradient norms 1e5-1e7x the transformer's). Keep `normalized` unless you study it."""
+    momentum_form: str = "plain"
+    """`plain`: the paper's S_t = eta_t S_(t-1) - theta_t grad_t; `ema`: theta_t is scaled by (1 - eta_t), so the
+    momentum is an average of the gradients (steady-state gain 1 instead of 1 / (1 - eta) ~ 8 at the default eta)."""
     theta_bias: float = 0.0
     """Rate parameterisation: initial bias of theta's linear map in sigmoid space (0: theta = max_lr / 2)."""
     eta_bias: float = 2.0
@@ -93,7 +96,8 @@ class MemoryConfig:
             _require_positive(self, "heads", "model.memory")
         if not self.max_lr > 0:
             raise ValueError(f"model.memory.max_lr={self.max_lr} must be > 0")
-        for key, choices in (("init_scale", ("input_norm", "fan_in")), ("inner_step", ("normalized", "plain"))):
+        for key, choices in (("init_scale", ("input_norm", "fan_in")), ("inner_step", ("normalized", "plain")),
+                             ("momentum_form", ("plain", "ema"))):
             if getattr(self, key) not in choices:
                 raise ValueError(f"model.memory.{key}={getattr(self, key)!r} must be one of {', '.join(choices)}")
 

@@ -74,6 +74,7 @@ class MemoryState(StateMixin):
 
 INIT_SCALES = ("input_norm", "fan_in")
 INNER_STEPS = ("normalized", "plain")
+MOMENTUM_FORMS = ("plain", "ema")
 GELU_SQ = 0.4252  # E[gelu(z)^2] for z ~ N(0, 1) (quadrature)
 
 
@@ -118,6 +119,8 @@ class NeuralMemory(nn.Module):
         value_norm: RMS-normalise v per head (default on), the scale of M(k)'s LayerNorm output.
         inner_step: `normalized` (default) divides each memory layer's theta by the expected squared norm of its
             input (see above); `plain` passes theta as is.
+        momentum_form: `plain` (the paper's S_t = eta_t S_(t-1) - theta_t grad_t) or `ema` (theta_t scaled by
+            1 - eta_t: the momentum averages the gradients instead of summing ~1 / (1 - eta_t) of them).
         theta_bias, eta_bias, alpha_bias: initial biases of the rate maps (sigmoid space); defaults give
             theta = max_lr * 0.5, eta ~ 0.88, alpha ~ 0.0025 (forgetting over ~400 tokens) at init.
         compile: run the op's per-chunk step through torch.compile (faster; compiles once per process/shape).
@@ -141,6 +144,7 @@ class NeuralMemory(nn.Module):
         init_scale: str = "input_norm",
         value_norm: bool = True,
         inner_step: str = "normalized",
+        momentum_form: str = "plain",
         theta_bias: float = 0.0,
         eta_bias: float = 2.0,
         alpha_bias: float = -6.0,
@@ -165,7 +169,9 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"init_scale={init_scale!r}: choose one of {', '.join(INIT_SCALES)}")
         if inner_step not in INNER_STEPS:
             raise ValueError(f"inner_step={inner_step!r}: choose one of {', '.join(INNER_STEPS)}")
-        self.value_norm, self.inner_step = value_norm, inner_step
+        if momentum_form not in MOMENTUM_FORMS:
+            raise ValueError(f"momentum_form={momentum_form!r}: choose one of {', '.join(MOMENTUM_FORMS)}")
+        self.value_norm, self.inner_step, self.momentum_form = value_norm, inner_step, momentum_form
         inner = heads * head_dim
 
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -274,8 +280,11 @@ class NeuralMemory(nn.Module):
         theta = self.max_lr * r[..., : self.n_theta]
         if self.inner_step == "normalized":
             theta = theta * self.theta_scale.to(theta.dtype)  # (B, H, T, depth)
+        eta = r[..., self.n_theta]
+        if self.momentum_form == "ema":  # S_t = eta S_(t-1) - (1 - eta) theta grad: momentum gain 1, not 1/(1-eta)
+            theta = theta * (1.0 - eta)[..., None]
         alpha = r[..., self.n_theta + 1 :] if self.channel_alpha else r[..., -1]
-        return theta, r[..., self.n_theta], alpha
+        return theta, eta, alpha
 
     # ---- forward ---------------------------------------------------------------------------------------------------
 
