@@ -54,7 +54,7 @@ OURS = {  # name -> recipes/mini_<name>.yaml
     "transformer": "mini_transformer", "transformer_swa": "mini_transformer_swa", "lmm": "mini_lmm",
     "mac": "mini_mac", "mag": "mini_mag", "mal": "mini_mal",
 }
-PEERS = ("titans_pytorch_mac", "x_transformers")
+PEERS = ("titans_pytorch_mac", "x_transformers", "x_transformers_ourinit")
 ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
 
@@ -138,15 +138,18 @@ def peer_builder(name: str, base):
     """A peer at our mini recipes' width, depth, heads and (MAC) segment/persistent tokens."""
     m = model_config(base)
 
-    if name == "x_transformers":
+    if name.startswith("x_transformers"):
         from x_transformers import Decoder, TransformerWrapper
 
         def build(ff_mult, device="cpu"):
             with torch.device(device):
-                return TransformerWrapper(
+                model = TransformerWrapper(
                     num_tokens=m.vocab_size, max_seq_len=m.max_seq_len, use_abs_pos_emb=False,
                     attn_layers=Decoder(dim=m.dim, depth=m.n_layers, heads=m.heads, rotary_pos_emb=True, ff_glu=True,
                                         ff_mult=ff_mult, use_rmsnorm=True, ff_no_bias=True, attn_flash=True))
+            if name == "x_transformers_ourinit" and device != "meta":
+                our_init_(model, m.n_layers)
+            return model
     else:
         from titans_pytorch import MemoryAsContextTransformer
 
@@ -159,6 +162,22 @@ def peer_builder(name: str, base):
                     neural_memory_kwargs=dict(heads=m.heads, dim_head=m.dim // m.heads))
 
     return build
+
+
+@torch.no_grad()
+def our_init_(model: nn.Module, n_layers: int) -> None:
+    """x-transformers' decoder with our models' init (`init_std: null`, TransformerLM.reset_parameters): linear maps
+    normal 1/sqrt(fan_in), biases 0, the residual branches' output maps (attention `to_out`, the feed-forward's last
+    linear) that / sqrt(2 n_layers), token embedding std 1. Isolates the init from the rest of the two stacks."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            output = name.endswith("to_out") or name.endswith("ff.2")
+            std = module.in_features ** -0.5 / (math.sqrt(2 * n_layers) if output else 1.0)
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0)
 
 
 class Runner:
