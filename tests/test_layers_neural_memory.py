@@ -250,7 +250,22 @@ def test_channel_alpha_rates():
     assert sum(p.numel() for p in layer.parameters()) == n_scalar + 3 * 7 * (24 + 1)  # 7 more rates per head
 
 
+def test_ema_momentum_scales_theta_by_one_minus_eta():
+    """momentum_form="ema": the op gets theta * (1 - eta), so S_t = eta S_(t-1) - (1 - eta) theta grad_t."""
+    x = torch.randn(2, 13, 24, dtype=torch.float64)
+    plain, ema = make_layer(), make_layer(momentum_form="ema")
+    theta_p, eta_p, alpha_p = plain._rates(x)
+    theta_e, eta_e, alpha_e = ema._rates(x)
+    assert torch.equal(eta_p, eta_e) and torch.equal(alpha_p, alpha_e)
+    assert torch.allclose(theta_e, theta_p * (1 - eta_p)[..., None], atol=0, rtol=1e-15)
+    out, state = ema(x)
+    out2, _ = ema(x[:, 7:], ema(x[:, :7])[1])  # streaming keeps the scaled rates in the pending tokens
+    assert (out[:, 7:] - out2).abs().max() <= TOL
+
+
 def test_bad_config():
+    with pytest.raises(ValueError, match="momentum_form"):
+        NeuralMemory(16, 2, momentum_form="nesterov")
     with pytest.raises(ValueError, match="depth"):
         NeuralMemory(16, 2, depth=0)
     with pytest.raises(ValueError, match="chunk_size"):

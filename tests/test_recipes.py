@@ -118,6 +118,7 @@ def test_flops_formula_pieces():
         (["model.mac_memory_tokens=100"], "model.mac_memory_tokens=100 must be >= 1 and divide model.segment_len=512"),
         (["model.gate=relu"], "model.gate='relu' is not one of sigmoid, silu"),
         (["model.memory.heads=7"], "model.memory.heads=7 does not divide model.dim=768"),
+        (["model.memory.momentum_form=adam"], "model.memory.momentum_form='adam' must be one of plain, ema"),
         (["model.segment_len=8192"], "model.segment_len=8192 is larger than model.max_seq_len=4096"),
     ],
 )

@@ -77,7 +77,8 @@ class MemoryConfig:
     step-1 gradient norms 1e5-1e7x the transformer's). Keep `normalized` unless you study it."""
     momentum_form: str = "plain"
     """`plain`: the paper's S_t = eta_t S_(t-1) - theta_t grad_t; `ema`: theta_t is scaled by (1 - eta_t), so the
-    momentum is an average of the gradients (steady-state gain 1 instead of 1 / (1 - eta) ~ 8 at the default eta)."""
+    momentum is an average of the gradients (steady-state gain 1 instead of 1 / (1 - eta) ~ 8 at the default eta):
+    no late gradient spikes, but ~8x weaker writes (passkey retrieval drops); recipes/README.md has the numbers."""
     theta_bias: float = 0.0
     """Rate parameterisation: initial bias of theta's linear map in sigmoid space (0: theta = max_lr / 2)."""
     eta_bias: float = 2.0
