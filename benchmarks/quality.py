@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=str(ROOT / "data" / "builtin"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--save", action="store_true", help="also write each trained model's state_dict to --out")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                    help="no training: merge the quality.json of these --out directories (their seeds and models) "
                         "into one table, JSON and PNG under --out")
@@ -411,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
             rec["eval"] = evaluate(runner, val_tokens, args.seq, args.eval_tokens, eos) if args.eval_tokens else {}
             print(f"  {name}: {json.dumps(rec['eval'])[:300]}", flush=True)
             results[str(seed)][name] = rec
+            if args.save:
+                torch.save(runner.model.state_dict(), out / f"{name}_seed{seed}.pt")
             (out / "quality.json").write_text(json.dumps(results))
     results["load_end"] = os.getloadavg()
     (out / "quality.json").write_text(json.dumps(results))
