@@ -294,8 +294,8 @@ def evaluate(runner: Runner, tokens: np.ndarray, seq: int, n_eval: int, eos: int
 # ---- report -----------------------------------------------------------------------------------------------------
 
 def table(results: dict, seeds: list[int]) -> str:
-    rows = ["| model | params | bits/byte windowed | bits/byte streamed | final train loss (nats, mean of last 16) | "
-            "max grad norm / Transformer++'s | train tokens/s |", "|---|---|---|---|---|---|---|"]
+    rows = ["| model | seeds | params | bits/byte windowed | bits/byte streamed | final train loss (nats, mean of last "
+            "16) | max grad norm / Transformer++'s | train tokens/s |", "|---|---|---|---|---|---|---|---|"]
     ref_norms = {s: results[str(s)]["transformer"]["train"]["grad_norm"] for s in seeds
                  if "transformer" in results[str(s)]}
     names = list(results[str(seeds[0])])
@@ -316,7 +316,7 @@ def table(results: dict, seeds: list[int]) -> str:
             rs = [max(a / b for a, b in zip(r["train"]["grad_norm"], ref_norms[s]))
                   for s, r in zip(seeds, runs) if s in ref_norms]
             ratio = f"{max(rs):.2f}x" if rs else "-"
-        rows.append(f"| {name} | {runs[0]['params']:,} | {mean(lambda r: r['eval'].get('windowed_bpb'))} | "
+        rows.append(f"| {name} | {len(runs)} | {runs[0]['params']:,} | {mean(lambda r: r['eval'].get('windowed_bpb'))} | "
                     f"{mean(lambda r: r['eval'].get('streamed_bpb'))} | "
                     f"{mean(lambda r: float(np.mean(r['train']['loss'][-16:])))} | {ratio} | "
                     f"{sum(r['train']['tokens_per_s'] for r in runs) / len(runs):,.0f} |")
@@ -380,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--save", action="store_true", help="also write each trained model's state_dict to --out")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
-                   help="no training: merge the quality.json of these --out directories (their seeds and models) "
-                        "into one table, JSON and PNG under --out")
+                   help="no training: merge the quality.json of these --out directories (their seeds and models; "
+                        "DIR=LABEL renames a directory's model) into one table, JSON and PNG under --out")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="recipe overrides for our models (e.g. model.memory.inner_step=plain)")
     args = p.parse_args(argv)
@@ -427,10 +427,11 @@ def merge(dirs: list[str], out: Path) -> None:
     """One table from runs split over processes: seed -> model -> record, later directories filling in."""
     results: dict = {}
     for d in dirs:
+        d, _, label = d.partition("=")  # DIR=LABEL: its models under LABEL (a run with --set, beside the default)
         part = json.loads((Path(d) / "quality.json").read_text())
         for seed, runs in part.items():
             if seed.isdigit():
-                results.setdefault(seed, {}).update(runs)
+                results.setdefault(seed, {}).update({label or name: rec for name, rec in runs.items()})
     seeds = sorted(int(s) for s in results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"merged_from": dirs, **results}))
