@@ -78,7 +78,8 @@ class MemoryConfig:
     momentum_form: str = "plain"
     """`plain`: the paper's S_t = eta_t S_(t-1) - theta_t grad_t; `ema`: theta_t is scaled by (1 - eta_t), so the
     momentum is an average of the gradients (steady-state gain 1 instead of 1 / (1 - eta) ~ 8 at the default eta):
-    no late gradient spikes, but ~8x weaker writes (passkey retrieval drops); recipes/README.md has the numbers."""
+    fewer late gradient spikes (LMM trained where `plain` blew up) with ~8x weaker writes at the same rates;
+    recipes/README.md ("Late spikes") has the numbers."""
     theta_bias: float = 0.0
     """Rate parameterisation: initial bias of theta's linear map in sigmoid space (0: theta = max_lr / 2)."""
     eta_bias: float = 2.0
