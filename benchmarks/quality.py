@@ -61,19 +61,16 @@ LN2 = math.log(2)
 
 # ---- data -------------------------------------------------------------------------------------------------------
 
-def eos_id(data: Path) -> int:
-    from titans_train.data.shards import Manifest
-
-    tok = Manifest(data).tokenizer
-    return tok.get("eos_id", tok["vocab_size"] - 1)
+def eos_id(man) -> int:
+    """The end-of-document token of a prepared dataset's manifest."""
+    return man.tokenizer.get("eos_id", man.tokenizer["vocab_size"] - 1)
 
 
-def split_tokens(data: Path, split: str) -> np.ndarray:
+def split_tokens(man, split: str) -> np.ndarray:
     """All documents of a split, in manifest order, joined by the end-of-document token (uint16)."""
-    from titans_train.data.shards import Manifest, iter_shard
+    from titans_train.data.shards import iter_shard
 
-    man = Manifest(data)
-    eos = eos_id(data)
+    eos = eos_id(man)
     docs = []
     for shard in man.shards(split):
         for doc in iter_shard(shard):
@@ -394,8 +391,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{data} holds no prepared data: run `titans-train prepare builtin --out {data}` first")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_tokens, val_tokens = split_tokens(data, "train"), split_tokens(data, "validation")
-    eos = eos_id(data)
+    from titans_train.data.shards import Manifest
+
+    man = Manifest(data)
+    train_tokens, val_tokens = split_tokens(man, "train"), split_tokens(man, "validation")
+    eos = eos_id(man)
     print(f"train {len(train_tokens):,} tokens, held-out {len(val_tokens):,}; load {os.getloadavg()}; "
           f"threads {torch.get_num_threads()}", flush=True)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
