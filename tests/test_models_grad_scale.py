@@ -60,3 +60,26 @@ def test_unnormalised_inner_step_is_what_blows_up():
     old = dict(inner_step="plain", init_scale="fan_in", value_norm=False)
     ref = _grad_norm("transformer", {}, **SMALL)
     assert _grad_norm("mag", old, **SMALL) / ref > 30  # measured 129x (2.0x with the defaults)
+
+
+def test_mac_memory_rates_do_not_follow_the_attention_output_scale():
+    """MAC writes its memory with the attention output y, which lives on the residual stream's scale; the rate
+    maps are linear in their input, so an unnormalised y saturated them in training (tiny MAC at step 200: |y| 40-730
+    per token, eta = 1.0000, alpha 1.0, gradient norms to 1e4). With y RMS-normalised the rates do not move when
+    the attention's output projection is scaled up 100x."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="mac", vocab_size=257, dim=64, n_layers=1, heads=2, max_seq_len=64, n_persistent=4,
+                      segment_len=16, mac_memory_tokens=8)
+    model = build_model(cfg).eval()
+    x = _text_batch(1, 32)[:, :-1]
+    seen = []
+    model.blocks[0].memory.rates.register_forward_hook(lambda mod, inp, out: seen.append(torch.sigmoid(out.detach())))
+    with torch.no_grad():
+        model.blocks[0].attn.wo.weight.mul_(10.0)  # y's RMS well above the norm's eps (at init it is ~1e-3)
+        model(x)
+        n = len(seen)
+        model.blocks[0].attn.wo.weight.mul_(100.0)
+        model(x)
+    assert n and len(seen) == 2 * n
+    for before, after in zip(seen[:n], seen[n:]):
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
