@@ -90,6 +90,7 @@ def test_layer_matches_reference_op(channel_alpha):
     # inner_step="normalized": layer l's theta over its input's expected squared norm (1, then 4 D E[gelu^2])
     D = layer.head_dim
     raw = layer.max_lr * torch.sigmoid(layer.rates(x)).view(2, 21, 3, -1).transpose(1, 2)[..., :1]
+    raw = raw * (1 - eta)[..., None]  # momentum_form="ema" (default): theta scaled by 1 - eta
     assert torch.allclose(theta, raw * torch.tensor([1.0, 1 / (4 * D * 0.4252)], dtype=x.dtype))
     s0 = layer.init_state(2)
     y_ref, _, _ = memory_update_reference(q, k, v, theta, eta, alpha, s0.weights, s0.momentum, chunk_size=8)
@@ -253,7 +254,7 @@ def test_channel_alpha_rates():
 def test_ema_momentum_scales_theta_by_one_minus_eta():
     """momentum_form="ema": the op gets theta * (1 - eta), so S_t = eta S_(t-1) - (1 - eta) theta grad_t."""
     x = torch.randn(2, 13, 24, dtype=torch.float64)
-    plain, ema = make_layer(), make_layer(momentum_form="ema")
+    plain, ema = make_layer(momentum_form="plain"), make_layer()  # ema is the default
     theta_p, eta_p, alpha_p = plain._rates(x)
     theta_e, eta_e, alpha_e = ema._rates(x)
     assert torch.equal(eta_p, eta_e) and torch.equal(alpha_p, alpha_e)

@@ -119,8 +119,8 @@ class NeuralMemory(nn.Module):
         value_norm: RMS-normalise v per head (default on), the scale of M(k)'s LayerNorm output.
         inner_step: `normalized` (default) divides each memory layer's theta by the expected squared norm of its
             input (see above); `plain` passes theta as is.
-        momentum_form: `plain` (the paper's S_t = eta_t S_(t-1) - theta_t grad_t) or `ema` (theta_t scaled by
-            1 - eta_t: the momentum averages the gradients instead of summing ~1 / (1 - eta_t) of them).
+        momentum_form: `ema` (default: theta_t scaled by 1 - eta_t, so the momentum averages the gradients instead
+            of summing ~1 / (1 - eta_t) of them) or `plain` (the paper's S_t = eta_t S_(t-1) - theta_t grad_t).
         theta_bias, eta_bias, alpha_bias: initial biases of the rate maps (sigmoid space); defaults give
             theta = max_lr * 0.5, eta ~ 0.88, alpha ~ 0.0025 (forgetting over ~400 tokens) at init.
         compile: run the op's per-chunk step through torch.compile (faster; compiles once per process/shape).
@@ -144,7 +144,7 @@ class NeuralMemory(nn.Module):
         init_scale: str = "input_norm",
         value_norm: bool = True,
         inner_step: str = "normalized",
-        momentum_form: str = "plain",
+        momentum_form: str = "ema",
         theta_bias: float = 0.0,
         eta_bias: float = 2.0,
         alpha_bias: float = -6.0,
