@@ -24,7 +24,7 @@ from titans_train.models import build_model
 
 TOK = ByteTokenizer()
 LENGTHS = (256, 512, 1024, 2048)  # training prompt lengths (tokens), drawn per step
-TOKENS_PER_STEP = 9216  # rows per step = TOKENS_PER_STEP // length (36 at 256, 4 at 2048)
+TOKENS_PER_STEP = 8192  # rows per step = TOKENS_PER_STEP // length (32 at 256, 4 at 2048)
 CHANCE = N.chance("passkey", 1)
 
 
@@ -48,7 +48,7 @@ def batch(rng: random.Random, size: int, length: int) -> torch.Tensor:
 
 
 def train_passkey(variant: str, steps: int, seed: int = 0, lm_weight: float = 0.2):
-    """AdamW on the answer token's loss plus `lm_weight` x the loss on every token; ~9K tokens per step at every
+    """AdamW on the answer token's loss plus `lm_weight` x the loss on every token; 8,192 tokens per step at every
     prompt length (prompts to 2048 keep LMM's accuracy at 32K from depending on the seed, BENCHMARKS.md)."""
     torch.manual_seed(seed)
     model = passkey_model(variant)
