@@ -5,6 +5,7 @@ them; eval and export run through the CLI's `main` in this process (one import o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +86,11 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path, capsys):
 
     torch.save({"state_dict": {}, "epoch": 3}, tmp_path / "other.ckpt")  # a Lightning checkpoint of another project
     one_line_error(capsys, [tmp_path / "other.ckpt", "--task", "niah"], "not a titans-train checkpoint")
+    saved = torch.load(Path(ckpt).resolve(), map_location="cpu", weights_only=False)  # as an older version wrote it
+    key = next(k for k in saved["state_dict"] if k.endswith("mlp_norm.weight"))
+    del saved["state_dict"][key]
+    torch.save(saved, tmp_path / "older.ckpt")
+    one_line_error(capsys, [tmp_path / "older.ckpt", "--task", "niah"], "do not fit", "missing", key.removeprefix("model."))
     (tmp_path / "doc.txt").write_text("hello world, a text for another tokenizer. " * 200)
     other = tmp_path / "bpe"
     assert run_main("prepare", tmp_path / "doc.txt", "--out", other, "--train-tokenizer", "300", "--val-fraction",

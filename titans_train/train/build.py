@@ -230,13 +230,31 @@ def model_weights(path: str | os.PathLike) -> dict:
     return {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
 
 
+def load_model_weights(model, path: str | os.PathLike) -> None:
+    """Load a checkpoint's model weights into `model`. Weights whose names do not fit this version's model (a
+    checkpoint from a titans-train version with another architecture, e.g. MAC before its `memory_norm`) are a
+    one-line error naming them, not a raw load_state_dict traceback."""
+    weights = model_weights(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        what = "; ".join(f"{name} {few(keys)}" for name, keys in (("missing", missing), ("unexpected", unexpected))
+                         if keys)
+        raise UserError(f"{path}: its weights do not fit this version's model ({what}): it was written by a "
+                        "titans-train version with another architecture; load it with that version, or retrain")
+    model.load_state_dict(weights)
+
+
 def init_from_checkpoint(recipe, resolved: dict, model) -> None:
     """`train.init_from`: load a checkpoint's model weights into `model` (same model config), nothing else."""
     path = recipe.train.init_from
     if not Path(path).exists():
         raise UserError(f"train.init_from={path}: no such checkpoint (train the earlier stage first, or set the path)")
     check_same_model(resolved["model"], checkpoint_meta(path), path)
-    model.load_state_dict(model_weights(path))
+    load_model_weights(model, path)
 
 
 def load_model_from_checkpoint(ckpt_path: str | os.PathLike, overrides: list[str] | None = None):
@@ -251,5 +269,5 @@ def load_model_from_checkpoint(ckpt_path: str | os.PathLike, overrides: list[str
         raise UserError(f"{ckpt_path} has no recipe inside: not a titans-train checkpoint")
     recipe = recipe_config(resolved)
     model = build_model(recipe)
-    model.load_state_dict(model_weights(ckpt_path))
+    load_model_weights(model, ckpt_path)
     return recipe, resolved, model
