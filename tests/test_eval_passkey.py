@@ -49,7 +49,7 @@ def batch(rng: random.Random, size: int, length: int) -> torch.Tensor:
 
 def train_passkey(variant: str, steps: int, seed: int = 0, lm_weight: float = 0.2):
     """AdamW on the answer token's loss plus `lm_weight` x the loss on every token; 8,192 tokens per step at every
-    prompt length (prompts to 2048 keep LMM's accuracy at 32K from depending on the seed, BENCHMARKS.md)."""
+    prompt length (with prompts to 2048 LMM retrieved at 32K on every seed tried, BENCHMARKS.md)."""
     torch.manual_seed(seed)
     model = passkey_model(variant)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)

@@ -179,9 +179,9 @@ class MACBlock(nn.Module):
     40-730 per token measured in a tiny MAC at step 200 where a normalised input has 16), and the memory's rate
     maps are linear in their input, so without it they saturated (eta = 1.0000, theta at max_lr, alpha 1.0 for
     most tokens: momentum that never decays and memories wiped every token) and gradient norms reached 1e4.
-    Memory tokens sit at the RoPE position of their group's last token; persistent tokens have none. A stream may stop anywhere inside a segment: the state keeps the keys/values of the
-    segment so far, so decoding one token costs one token's projections plus attention over at most
-    n_persistent + mac_memory_tokens + segment_len keys.
+    Memory tokens sit at the RoPE position of their group's last token; persistent tokens have none. A stream may
+    stop anywhere inside a segment: the state keeps the keys/values of the segment so far, so decoding one token
+    costs one token's projections plus attention over at most n_persistent + mac_memory_tokens + segment_len keys.
     """
 
     def __init__(self, cfg: ModelConfig):

@@ -24,9 +24,8 @@ def run(args: argparse.Namespace) -> int:
     import lightning as L
 
     model = B.build_model(recipe)
-    state = B.checkpoint_weights(args.ckpt)  # consolidated on this one process, whatever wrote it
+    B.load_model_weights(model, args.ckpt)  # consolidated on this one process, whatever wrote it
     lit = B.lit_module(recipe, resolved, model)
-    lit.load_state_dict(state)
     B.apply_matmul_precision(recipe)
     trainer = L.Trainer(
         accelerator=recipe.trainer.accelerator,
