@@ -74,6 +74,25 @@ def test_token_by_token_equals_one_call(channel_alpha):
     assert (torch.cat(ys, 1) - y_full).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("kernel", [1, 4])
+def test_causal_conv_matches_conv1d(kernel):
+    """The tap-sum causal conv equals F.conv1d over [tail; proj], forward and backward (float64, 1e-12)."""
+    layer = make_layer(conv_kernel=kernel)
+    gen = torch.Generator().manual_seed(1)
+    proj = torch.randn(2, 19, 72, dtype=torch.float64, generator=gen, requires_grad=True)
+    tail = torch.randn(2, kernel - 1, 72, dtype=torch.float64, generator=gen, requires_grad=True)
+    out, new_tail = layer._causal_conv(proj, tail, slice(None))
+    seq = torch.cat([tail, proj], dim=1)
+    ref = F.conv1d(seq.transpose(1, 2), layer.conv.weight, groups=72).transpose(1, 2)
+    assert (out - ref).abs().max() <= 1e-12
+    assert torch.equal(new_tail, seq[:, seq.shape[1] - (kernel - 1):])
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (proj, tail, layer.conv.weight), grad)
+    want = torch.autograd.grad(ref, (proj, tail, layer.conv.weight), grad)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and torch.allclose(g, w, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
 def test_layer_matches_reference_op(channel_alpha):
     """The layer's memory read-out is the reference op applied to its own projections."""
