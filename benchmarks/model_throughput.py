@@ -1,20 +1,21 @@
 """Whole-model benchmarks: training tokens/s and peak memory against T, streaming, generation per token.
 
 Three parts (`--parts`):
-  train     one training step (forward + backward + AdamW) of every variant and of Transformer++ with full causal
-            attention, at each T of `--T` (batch 1, float32), plus titans-pytorch's MemoryAsContextTransformer at
-            matched width/depth/heads/segment (`tp_mac144`: its default memory chunk, segment + long-term memory
-            tokens = 144; `tp_mac16`: memory chunk 16, its closest setting to ours). Interleaved: every round runs
-            each (case, T) once, best of `--rounds`.
+  train     training steps (forward + backward + AdamW; the best of `--steps`, the first of which also first-touches
+            the step's memory) of every variant and of Transformer++ with full causal attention, at each T of `--T`
+            (batch 1, float32), plus titans-pytorch's MemoryAsContextTransformer at matched width/depth/heads/segment
+            (`tp_mac144`: its default memory chunk, segment + long-term memory tokens = 144; `tp_mac16`: memory
+            chunk 16, its closest setting to ours). Interleaved: every round runs each (case, T) once, best of
+            `--rounds`.
   stream    feed `--stream-tokens` tokens (default 2,097,152) in pieces of `--piece` through the state (no grad),
             MAG and LMM; and the same for 16K tokens, whose peak RSS is the reference.
   generate  time per generated token (`--gen-tokens`, greedy, through the state) after a 512- and a 32K-token prompt.
 
 Every measurement runs in its own subprocess (so its peak memory is its own) with the CPU runtime defaults that
-`titans-train` sets (`titans_train.cli.cpu_runtime_defaults`: OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1)
-unless the environment sets them. "peak MiB" is the growth of the process's max RSS (`ru_maxrss`) over its RSS
-after building the model (and optimizer) and one warm-up step on min(T, 512) tokens: what the length adds;
-for `stream` also the absolute max RSS. The machine's load (os.getloadavg) is printed with every result. Results:
+`titans-train` sets (`titans_train.cli.cpu_runtime_defaults`: OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1,
+MALLOC_MMAP_MAX_=0) unless the environment sets them. "peak MiB" is the growth of the process's max RSS
+(`ru_maxrss`) over its RSS after building the model (and optimizer) and one warm-up step on min(T, 512) tokens:
+what the length adds; for `stream` also the absolute max RSS. The machine's load (os.getloadavg) is printed with every result. Results:
 a table on stdout, `--out` JSON, and a log-log PNG of tokens/s and peak memory against T (matplotlib, `bench`).
 
     python benchmarks/model_throughput.py                                  # everything, ~1 h on 2 cores
@@ -99,11 +100,13 @@ def run_train(case: str, T: int, args) -> dict:
 
     step(min(T, 512))  # warm-up: lazy init, kernel load, optimizer state
     base = max(rss_mib(), max_rss_mib())
-    t0 = time.perf_counter()
-    step(T)
-    seconds = time.perf_counter() - t0
-    return {"part": "train", "case": case, "T": T, "seconds": seconds, "tokens_per_s": T / seconds,
-            "peak_mib": max_rss_mib() - base}
+    times = []
+    for _ in range(args.steps):  # the first step at T also pays for first-touching its activations' memory
+        t0 = time.perf_counter()
+        step(T)
+        times.append(time.perf_counter() - t0)
+    return {"part": "train", "case": case, "T": T, "seconds": min(times), "step_seconds": times,
+            "tokens_per_s": T / min(times), "peak_mib": max_rss_mib() - base}
 
 
 @torch.no_grad()
@@ -158,9 +161,10 @@ def child(args) -> int:
 def spawn(part: str, case: str, T: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child-part", part, "--child-case", case, "--child-T", str(T),
            "--threads", str(args.threads), "--dim", str(args.dim), "--layers", str(args.layers),
-           "--heads", str(args.heads), "--piece", str(args.piece), "--gen-tokens", str(args.gen_tokens)]
+           "--heads", str(args.heads), "--piece", str(args.piece), "--gen-tokens", str(args.gen_tokens),
+           "--steps", str(args.steps)]
     env = dict(os.environ)
-    cpu_runtime_defaults(env)  # what `titans-train` sets: passive OpenMP wait, huge pages for large tensors
+    cpu_runtime_defaults(env)  # what `titans-train` sets: passive OpenMP wait, huge pages, heap-served large blocks
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:  # killed (OOM) or crashed
@@ -251,6 +255,7 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=OURS + TITANS_PYTORCH, choices=OURS + TITANS_PYTORCH)
     p.add_argument("--tp-max-T", type=int, default=8192, help="largest T for titans-pytorch (its memory grows fast)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best of them")
+    p.add_argument("--steps", type=int, default=2, help="training steps at T per measurement; the best counts")
     p.add_argument("--stream-tokens", type=int, default=2_097_152)
     p.add_argument("--stream-variants", nargs="+", default=["mag", "lmm"], choices=OURS)
     p.add_argument("--generate-variants", nargs="+", default=["mag", "lmm", "transformer"], choices=OURS)

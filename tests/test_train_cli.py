@@ -191,3 +191,30 @@ def test_resume_continues_the_same_wandb_run(trained, data_dir):
     assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs), runs
     assert load_checkpoint(out / "checkpoints" / "step-000000014.ckpt")["titans"]["wandb_run_id"] == run_id
     assert sorted(series(metrics(out), "train/loss")) == list(range(1, 15))  # the CSV continues in a new version
+
+
+def test_cpu_runtime_defaults_keep_the_users_values():
+    from titans_train.cli import cpu_runtime_defaults
+
+    env = {"OMP_WAIT_POLICY": "ACTIVE", "MALLOC_MMAP_MAX_": "65536"}
+    assert cpu_runtime_defaults(env) == {"THP_MEM_ALLOC_ENABLE": "1"}
+    assert env["OMP_WAIT_POLICY"] == "ACTIVE" and env["MALLOC_MMAP_MAX_"] == "65536"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_runtime_defaults_serve_large_blocks_from_the_heap():
+    """After the CLI's defaults, a 64 MB block comes from glibc's heap (reused by the next step), not a fresh map;
+    without them (the user's MALLOC_MMAP_MAX_=65536, glibc's default) it is mapped fresh."""
+    code = (
+        "import ctypes, os\n"
+        "from titans_train.cli import cpu_runtime_defaults\n"
+        "cpu_runtime_defaults()\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
+        "p = libc.malloc(64 << 20)\n"
+        "heap = [l.split()[0].split('-') for l in open('/proc/self/maps') if l.rstrip().endswith('[heap]')]\n"
+        "print(any(int(a, 16) <= p < int(b, 16) for a, b in heap))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_MAX_"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)  # noqa: E731
+    assert run(env).stdout.split() == ["True"]
+    assert run({**env, "MALLOC_MMAP_MAX_": "65536"}).stdout.split() == ["False"]
