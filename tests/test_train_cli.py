@@ -215,6 +215,9 @@ def test_cpu_runtime_defaults_serve_large_blocks_from_the_heap():
         "print(any(int(a, 16) <= p < int(b, 16) for a, b in heap))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_MAX_"}
-    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)  # noqa: E731
-    assert run(env).stdout.split() == ["True"]
-    assert run({**env, "MALLOC_MMAP_MAX_": "65536"}).stdout.split() == ["False"]
+
+    def from_heap(e: dict) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout.split()
+
+    assert from_heap(env) == ["True"]
+    assert from_heap({**env, "MALLOC_MMAP_MAX_": "65536"}) == ["False"]

@@ -43,7 +43,7 @@ def cpu_runtime_defaults(environ=os.environ) -> dict[str, str]:
       faults per fresh megabyte).
     - MALLOC_MMAP_MAX_=0: glibc serves every allocation from its heap. By default it maps each block above its
       mmap threshold (32 MB at most) fresh and unmaps it when freed, so every large activation of every step is
-      new memory that the kernel faults in and zeroes: at T = 32K that made a MAG training step 24.2 s instead of
+      new memory that the kernel faults in and zeroes: at T = 32K that made a MAG training step 23.5 s instead of
       14.4 s (elementwise ops 2-5x slower per element than at 2K). Served from the heap, the blocks one step frees
       are reused by the next, as PyTorch's CUDA caching allocator does on GPUs. The cost is the same trade: freed
       blocks stay with the process, and the peak RSS of that step grew from 9.3 to 13.8 GB. Nothing changes for
