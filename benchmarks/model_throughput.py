@@ -12,8 +12,8 @@ Three parts (`--parts`):
   generate  time per generated token (`--gen-tokens`, greedy, through the state) after a 512- and a 32K-token prompt.
 
 Every measurement runs in its own subprocess (so its peak memory is its own) with the CPU runtime defaults that
-`titans-train` sets (`titans_train.cli.cpu_runtime_defaults`: OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1,
-MALLOC_MMAP_MAX_=0) unless the environment sets them. "peak MiB" is the growth of the process's max RSS
+`titans-train` sets (`titans_train.cli.cpu_runtime_defaults`: OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1, and
+for training MALLOC_MMAP_MAX_=0) unless the environment sets them. "peak MiB" is the growth of the process's max RSS
 (`ru_maxrss`) over its RSS after building the model (and optimizer) and one warm-up step on min(T, 512) tokens:
 what the length adds; for `stream` also the absolute max RSS. The machine's load (os.getloadavg) is printed with every result. Results:
 a table on stdout, `--out` JSON, and a log-log PNG of tokens/s and peak memory against T (matplotlib, `bench`).
@@ -115,16 +115,18 @@ def run_stream(case: str, total: int, args) -> dict:
     g = torch.Generator().manual_seed(0)
     model(torch.randint(0, VOCAB, (1, min(args.piece, 512)), generator=g))  # warm-up
     base = max(rss_mib(), max_rss_mib())
-    state, t0, report = None, time.perf_counter(), 16384
+    state, t0, report, progress = None, time.perf_counter(), 16384, []
     for start in range(0, total, args.piece):
         _, state = model(torch.randint(0, VOCAB, (1, min(args.piece, total - start)), generator=g), state)
-        if state.pos >= report and state.pos < total:  # progress: max RSS so far, at each power of two
-            print("PROGRESS " + json.dumps({"tokens": state.pos, "seconds": time.perf_counter() - t0,
-                                            "max_rss_mib": max_rss_mib()}), flush=True)
+        if state.pos >= report and state.pos < total:  # progress: RSS now and max so far, at each power of two
+            progress.append({"tokens": state.pos, "seconds": time.perf_counter() - t0, "rss_mib": rss_mib(),
+                             "max_rss_mib": max_rss_mib()})
+            print("PROGRESS " + json.dumps(progress[-1]), file=sys.stderr, flush=True)
             report *= 2
     seconds = time.perf_counter() - t0
     return {"part": "stream", "case": case, "T": total, "seconds": seconds, "tokens_per_s": total / seconds,
-            "peak_mib": max_rss_mib() - base, "max_rss_mib": max_rss_mib()}
+            "peak_mib": max_rss_mib() - base, "max_rss_mib": max_rss_mib(), "rss_mib": rss_mib(),
+            "progress": progress}
 
 
 @torch.no_grad()
@@ -164,7 +166,7 @@ def spawn(part: str, case: str, T: int, args) -> dict:
            "--heads", str(args.heads), "--piece", str(args.piece), "--gen-tokens", str(args.gen_tokens),
            "--steps", str(args.steps)]
     env = dict(os.environ)
-    cpu_runtime_defaults(env)  # what `titans-train` sets: passive OpenMP wait, huge pages, heap-served large blocks
+    cpu_runtime_defaults(env, training=part == "train")  # what `titans-train fit` / `eval` set
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:  # killed (OOM) or crashed

@@ -197,18 +197,19 @@ def test_cpu_runtime_defaults_keep_the_users_values():
     from titans_train.cli import cpu_runtime_defaults
 
     env = {"OMP_WAIT_POLICY": "ACTIVE", "MALLOC_MMAP_MAX_": "65536"}
-    assert cpu_runtime_defaults(env) == {"THP_MEM_ALLOC_ENABLE": "1"}
+    assert cpu_runtime_defaults(env, training=True) == {"THP_MEM_ALLOC_ENABLE": "1"}
     assert env["OMP_WAIT_POLICY"] == "ACTIVE" and env["MALLOC_MMAP_MAX_"] == "65536"
+    assert cpu_runtime_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}  # not training
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_cpu_runtime_defaults_serve_large_blocks_from_the_heap():
-    """After the CLI's defaults, a 64 MB block comes from glibc's heap (reused by the next step), not a fresh map;
-    without them (the user's MALLOC_MMAP_MAX_=65536, glibc's default) it is mapped fresh."""
+    """After the CLI's training defaults, a 64 MB block comes from glibc's heap (reused by the next step), not a
+    fresh map; with the user's MALLOC_MMAP_MAX_=65536 (glibc's default) it is mapped fresh."""
     code = (
         "import ctypes, os\n"
         "from titans_train.cli import cpu_runtime_defaults\n"
-        "cpu_runtime_defaults()\n"
+        "cpu_runtime_defaults(training=True)\n"
         "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
         "p = libc.malloc(64 << 20)\n"
         "heap = [l.split()[0].split('-') for l in open('/proc/self/maps') if l.rstrip().endswith('[heap]')]\n"

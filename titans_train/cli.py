@@ -28,11 +28,12 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit code 2, no traceback."""
 
 
-CPU_RUNTIME_DEFAULTS = (("OMP_WAIT_POLICY", "PASSIVE"), ("THP_MEM_ALLOC_ENABLE", "1"), ("MALLOC_MMAP_MAX_", "0"))
+CPU_RUNTIME_DEFAULTS = (("OMP_WAIT_POLICY", "PASSIVE"), ("THP_MEM_ALLOC_ENABLE", "1"))
+TRAINING_DEFAULTS = (("MALLOC_MMAP_MAX_", "0"),)
 M_MMAP_MAX = -4  # glibc's mallopt parameter number (malloc.h)
 
 
-def cpu_runtime_defaults(environ=os.environ) -> dict[str, str]:
+def cpu_runtime_defaults(environ=os.environ, training: bool = False) -> dict[str, str]:
     """Set the CPU runtime's environment defaults, unless the user set them; returns what it set.
 
     Must run before torch is imported: its OpenMP runtime and allocator read these once.
@@ -41,17 +42,20 @@ def cpu_runtime_defaults(environ=os.environ) -> dict[str, str]:
       cores): steps ran 5-20x slower under contention (BENCHMARKS.md, "CPU threads").
     - THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator asks for transparent huge pages for large tensors (fewer page
       faults per fresh megabyte).
-    - MALLOC_MMAP_MAX_=0: glibc serves every allocation from its heap. By default it maps each block above its
-      mmap threshold (32 MB at most) fresh and unmaps it when freed, so every large activation of every step is
-      new memory that the kernel faults in and zeroes: at T = 32K that made a MAG training step 23.5 s instead of
-      14.4 s (elementwise ops 2-5x slower per element than at 2K). Served from the heap, the blocks one step frees
-      are reused by the next, as PyTorch's CUDA caching allocator does on GPUs. The cost is the same trade: freed
-      blocks stay with the process, and the peak RSS of that step grew from 9.3 to 13.8 GB. Nothing changes for
-      blocks below the threshold (a 2K step). Opt out with MALLOC_MMAP_MAX_=65536 (glibc's default).
+    - training only, MALLOC_MMAP_MAX_=0: glibc serves every allocation from its heap. By default it maps each
+      block above its mmap threshold (32 MB at most) fresh and unmaps it when freed, so every large activation of
+      every step is new memory that the kernel faults in and zeroes: at T = 32K that made a MAG training step
+      23.5 s instead of 14.4 s (elementwise ops 2-5x slower per element than at 2K). Served from the heap, the
+      blocks one step frees are reused by the next, as PyTorch's CUDA caching allocator does on GPUs. The cost is
+      the same trade: freed blocks stay with the process, and the peak RSS of that step grew from 9.3 to 13.8 GB.
+      Nothing changes for blocks below the threshold (a 2K step). Not for streaming (eval, generate): there the
+      heap's holes grew the max RSS of a 2M-token stream without bound (+17%), while glibc's default keeps it flat.
+      Opt out with MALLOC_MMAP_MAX_=65536 (glibc's default).
     glibc reads MALLOC_MMAP_MAX_ when a process starts: it is exported for child processes (workers, torchrun,
     benchmark subprocesses) and, when `environ` is this process's, also applied now with mallopt.
     """
-    changes = {key: value for key, value in CPU_RUNTIME_DEFAULTS if key not in environ}
+    defaults = CPU_RUNTIME_DEFAULTS + (TRAINING_DEFAULTS if training else ())
+    changes = {key: value for key, value in defaults if key not in environ}
     environ.update(changes)
     if environ is os.environ and "MALLOC_MMAP_MAX_" in changes:
         _mallopt(M_MMAP_MAX, 0)
@@ -86,7 +90,7 @@ def _load(module: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cpu_runtime_defaults()
+    cpu_runtime_defaults(training=bool(argv) and argv[0] == "fit")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse takes positionals in one run: `key=value` overrides after an option land here; keep them.
