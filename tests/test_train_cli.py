@@ -199,26 +199,30 @@ def test_cpu_runtime_defaults_keep_the_users_values():
     env = {"OMP_WAIT_POLICY": "ACTIVE", "MALLOC_MMAP_MAX_": "65536"}
     assert cpu_runtime_defaults(env, training=True) == {"THP_MEM_ALLOC_ENABLE": "1"}
     assert env["OMP_WAIT_POLICY"] == "ACTIVE" and env["MALLOC_MMAP_MAX_"] == "65536"
-    assert cpu_runtime_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}  # not training
+    assert cpu_runtime_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1",
+                                        "MALLOC_MMAP_THRESHOLD_": "131072"}  # streaming: blocks mapped and returned
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_cpu_runtime_defaults_serve_large_blocks_from_the_heap():
-    """After the CLI's training defaults, a 64 MB block comes from glibc's heap (reused by the next step), not a
-    fresh map; with the user's MALLOC_MMAP_MAX_=65536 (glibc's default) it is mapped fresh."""
+    """After the CLI's training defaults a 16 MB block comes from glibc's heap (reused by the next step); with the
+    streaming defaults it is mapped fresh even after one of its size was freed (glibc's default would then serve it
+    from the heap), and a user's own MALLOC_ setting is left alone."""
     code = (
         "import ctypes, os\n"
         "from titans_train.cli import cpu_runtime_defaults\n"
-        "cpu_runtime_defaults(training=True)\n"
+        "cpu_runtime_defaults(training=os.environ['TRAINING'] == '1')\n"
         "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
-        "p = libc.malloc(64 << 20)\n"
+        "libc.free(ctypes.c_void_p(libc.malloc(16 << 20)))\n"  # glibc's default now raises its threshold to 16 MB
+        "p = libc.malloc(16 << 20)\n"
         "heap = [l.split()[0].split('-') for l in open('/proc/self/maps') if l.rstrip().endswith('[heap]')]\n"
         "print(any(int(a, 16) <= p < int(b, 16) for a, b in heap))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_MAX_"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
 
     def from_heap(e: dict) -> list[str]:
         return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout.split()
 
-    assert from_heap(env) == ["True"]
-    assert from_heap({**env, "MALLOC_MMAP_MAX_": "65536"}) == ["False"]
+    assert from_heap({**env, "TRAINING": "1"}) == ["True"]
+    assert from_heap({**env, "TRAINING": "0"}) == ["False"]  # streaming: mapped, returned when freed
+    assert from_heap({**env, "TRAINING": "0", "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}) == ["True"]  # the user's

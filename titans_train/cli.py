@@ -29,8 +29,9 @@ class UserError(Exception):
 
 
 CPU_RUNTIME_DEFAULTS = (("OMP_WAIT_POLICY", "PASSIVE"), ("THP_MEM_ALLOC_ENABLE", "1"))
-TRAINING_DEFAULTS = (("MALLOC_MMAP_MAX_", "0"),)
-M_MMAP_MAX = -4  # glibc's mallopt parameter number (malloc.h)
+# glibc malloc: (environment variable, mallopt parameter number from malloc.h, value), for training / otherwise.
+MALLOC_TRAINING = ("MALLOC_MMAP_MAX_", -4, 0)
+MALLOC_STREAMING = ("MALLOC_MMAP_THRESHOLD_", -3, 128 * 1024)
 
 
 def cpu_runtime_defaults(environ=os.environ, training: bool = False) -> dict[str, str]:
@@ -42,23 +43,27 @@ def cpu_runtime_defaults(environ=os.environ, training: bool = False) -> dict[str
       cores): steps ran 5-20x slower under contention (BENCHMARKS.md, "CPU threads").
     - THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator asks for transparent huge pages for large tensors (fewer page
       faults per fresh megabyte).
-    - training only, MALLOC_MMAP_MAX_=0: glibc serves every allocation from its heap. By default it maps each
-      block above its mmap threshold (32 MB at most) fresh and unmaps it when freed, so every large activation of
-      every step is new memory that the kernel faults in and zeroes: at T = 32K that made a MAG training step
-      23.5 s instead of 14.4 s (elementwise ops 2-5x slower per element than at 2K). Served from the heap, the
-      blocks one step frees are reused by the next, as PyTorch's CUDA caching allocator does on GPUs. The cost is
-      the same trade: freed blocks stay with the process, and the peak RSS of that step grew from 9.3 to 13.8 GB.
-      Nothing changes for blocks below the threshold (a 2K step). Not for streaming (eval, generate): there the
-      heap's holes grew the max RSS of a 2M-token stream without bound (+17%), while glibc's default keeps it flat.
-      Opt out with MALLOC_MMAP_MAX_=65536 (glibc's default).
-    glibc reads MALLOC_MMAP_MAX_ when a process starts: it is exported for child processes (workers, torchrun,
+    - glibc malloc, unless MALLOC_MMAP_MAX_ or MALLOC_MMAP_THRESHOLD_ is set. By default glibc maps blocks above a
+      threshold fresh and unmaps them when freed, and raises that threshold (to 32 MB at most) to the size of each
+      mapped block freed, so that mid-sized blocks then come from its heap.
+      Training (MALLOC_MMAP_MAX_=0): every block from the heap, so the blocks one step frees are reused by the
+      next. Mapped fresh, every large activation of every step is faulted in and zeroed again: at T = 32K a MAG
+      training step took 23.5 s instead of 14.4 s (elementwise ops 2-5x slower per element than at 2K). The
+      trade is the one PyTorch's CUDA caching allocator makes: freed blocks stay with the process (that step's
+      peak RSS grew from 9.3 to 13.8 GB). A 2K step does not change.
+      Otherwise (eval, generate; MALLOC_MMAP_THRESHOLD_=131072, glibc's initial value, kept fixed): a stream's
+      pieces are mapped fresh and returned when freed, so its RSS stays flat over millions of tokens. From the heap
+      (either of the other two) the holes between live blocks grew a 2M-token MAG stream's max RSS by 17%.
+    glibc reads these variables when a process starts: they are exported for child processes (workers, torchrun,
     benchmark subprocesses) and, when `environ` is this process's, also applied now with mallopt.
     """
-    defaults = CPU_RUNTIME_DEFAULTS + (TRAINING_DEFAULTS if training else ())
-    changes = {key: value for key, value in defaults if key not in environ}
+    changes = {key: value for key, value in CPU_RUNTIME_DEFAULTS if key not in environ}
+    if "MALLOC_MMAP_MAX_" not in environ and "MALLOC_MMAP_THRESHOLD_" not in environ:
+        key, param, value = MALLOC_TRAINING if training else MALLOC_STREAMING
+        changes[key] = str(value)
+        if environ is os.environ:
+            _mallopt(param, value)
     environ.update(changes)
-    if environ is os.environ and "MALLOC_MMAP_MAX_" in changes:
-        _mallopt(M_MMAP_MAX, 0)
     return changes
 
 
