@@ -253,7 +253,7 @@ class NeuralMemory(nn.Module):
         """
         seq = torch.cat([tail, proj], dim=1)  # (B, K - 1 + T, C)
         # The K taps as shifted multiply-adds, not F.conv1d: oneDNN's depthwise conv backward took 17% of a MAG
-        # training step at T = 2048 (60 ms per layer, against ~5 ms for these), and the taps take the reset mask.
+        # training step at T = 2048 (55 ms per layer, against ~5 ms for these), and the taps take the reset mask.
         weight = self.conv.weight[channels, 0].t()  # (K, C); row K - 1 is the current token's tap
         K, T = self.conv_kernel, proj.shape[1]
         if reset is not None:
