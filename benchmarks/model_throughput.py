@@ -15,8 +15,9 @@ Every measurement runs in its own subprocess (so its peak memory is its own) wit
 `titans-train` sets (`titans_train.cli.cpu_runtime_defaults`: OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1, and
 for training MALLOC_MMAP_MAX_=0) unless the environment sets them. "peak MiB" is the growth of the process's max RSS
 (`ru_maxrss`) over its RSS after building the model (and optimizer) and one warm-up step on min(T, 512) tokens:
-what the length adds; for `stream` also the absolute max RSS. The machine's load (os.getloadavg) is printed with every result. Results:
-a table on stdout, `--out` JSON, and a log-log PNG of tokens/s and peak memory against T (matplotlib, `bench`).
+what the length adds; for `stream` also the absolute max RSS. The machine's load (os.getloadavg) is printed with
+every result. Results: a table on stdout, `--out` JSON, and a log-log PNG of tokens/s and peak memory against T
+(matplotlib, `bench`).
 
     python benchmarks/model_throughput.py                                  # everything, ~1 h on 2 cores
     python benchmarks/model_throughput.py --parts train --T 1024 2048 --variants mag transformer --rounds 3

@@ -234,18 +234,14 @@ def load_model_weights(model, path: str | os.PathLike) -> None:
     """Load a checkpoint's model weights into `model`. Weights whose names do not fit this version's model (a
     checkpoint from a titans-train version with another architecture, e.g. MAC before its `memory_norm`) are a
     one-line error naming them, not a raw load_state_dict traceback."""
-    weights = model_weights(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    if missing or unexpected:
+    result = model.load_state_dict(model_weights(path), strict=False)
+    if result.missing_keys or result.unexpected_keys:
         def few(keys):
             return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-        what = "; ".join(f"{name} {few(keys)}" for name, keys in (("missing", missing), ("unexpected", unexpected))
-                         if keys)
+        what = "; ".join(f"{name} {few(keys)}" for name, keys in (("missing", result.missing_keys),
+                                                                  ("unexpected", result.unexpected_keys)) if keys)
         raise UserError(f"{path}: its weights do not fit this version's model ({what}): it was written by a "
                         "titans-train version with another architecture; load it with that version, or retrain")
-    model.load_state_dict(weights)
 
 
 def init_from_checkpoint(recipe, resolved: dict, model) -> None:
