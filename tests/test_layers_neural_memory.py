@@ -290,6 +290,8 @@ def test_bad_config():
         NeuralMemory(16, 2, depth=0)
     with pytest.raises(ValueError, match="chunk_size"):
         NeuralMemory(16, 2, chunk_size=0)
+    with pytest.raises(ValueError, match="ln_eps"):
+        NeuralMemory(16, 2, ln_eps=0.0)
 
 
 def test_bf16_autocast_runs_with_fp32_memory():

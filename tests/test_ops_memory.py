@@ -61,12 +61,14 @@ NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
 def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False, impl="auto",
-            channel_alpha=False, batch_heads=(B, H)):
+            channel_alpha=False, batch_heads=(B, H), ln_eps=None):
     if impl == "cpu":
         _cpu_kernel()
     args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm, channel_alpha=channel_alpha,
                                batch_heads=batch_heads)
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
+    if ln_eps is not None:
+        kw["ln_eps"] = ln_eps
     fast = run_with_grads(memory_update, args, leaves, compile=compile, impl=impl, **kw)
     ref = run_with_grads(memory_update_reference, args, leaves, **kw)
     errors = {"y": (fast[0] - ref[0]).abs().max().item()}
@@ -120,6 +122,18 @@ def test_fast_matches_reference(chunk_size, n_layers, residual, layer_norm, impl
 @pytest.mark.parametrize("chunk_size", [4, 16])
 def test_per_layer_theta(chunk_size, impl):
     compare(37, chunk_size, 2, True, True, per_layer_theta=True, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("residual", [True, False], ids=["res+ln", "ln"])
+def test_ln_eps_matches_reference(residual, impl):
+    """A LayerNorm epsilon on f's scale (0.5 here, against f at unit std) reaches every path: forward, the inner
+    gradient through LN and the backward of both."""
+    compare(37, 4, 2, residual, True, impl=impl, ln_eps=0.5)
+    args, _ = make_inputs(37, 2)
+    with torch.no_grad():
+        assert not torch.allclose(memory_update(*args, chunk_size=4, impl=impl, ln_eps=0.5)[0],
+                                  memory_update(*args, chunk_size=4, impl=impl)[0], atol=1e-3)
 
 
 # ---- channel-wise alpha: (B, H, T, D), row r of the first layer decays with alpha[..., r] -------------------------

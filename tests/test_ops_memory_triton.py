@@ -57,6 +57,11 @@ def test_triton_per_layer_theta():
 
 
 @interpreted
+def test_triton_ln_eps():
+    compare(21, 4, 2, True, True, impl="triton", batch_heads=BH, ln_eps=0.5)
+
+
+@interpreted
 @pytest.mark.parametrize("segment", [1, 4], ids=["segment1", "segment4-of-6"])
 def test_triton_checkpoint_segments(segment, monkeypatch):
     """The backward recomputes anchors from one stored state per segment of chunks: a segment of one chunk, and one

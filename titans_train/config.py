@@ -59,6 +59,11 @@ class MemoryConfig:
     """Memory output form M(x) = x + LN(f(x)): the residual part."""
     layer_norm: bool = True
     """Memory output form M(x) = x + LN(f(x)): the LayerNorm (no affine) part."""
+    ln_eps: float = 0.1
+    """Epsilon of that LayerNorm, on the scale of f(k) (std ~init_std at init). It bounds LN's Jacobian by
+    1 / sqrt(ln_eps) when the fast weights shrink inside a sequence (the forgetting gate decays them and LN hides it
+    in the forward); 1e-5, a standard LN's, made the late gradient spikes (recipes/README.md, "The memory's
+    gradient scale")."""
     conv_kernel: int = 4
     """Causal depthwise conv on q, k, v before SiLU (paper 4); 1 switches it off. Initialised to the identity."""
     init_std: float = 1.0

@@ -25,6 +25,18 @@ puts the targets v on the scale of M(k) (unit RMS; LN's output cannot shrink to 
 step-1 norms are LMM 7, MAG 19 (Transformer++ 18), |d<y, r>/dv| ~1.5, and the memory still learns each chunk: the
 inner loss on a chunk drops 67% after its update (plain: 38%). `recipes/README.md` has the measurements.
 
+Why `ln_eps` is not 1e-5 (the late spikes). LN makes M(k) = k + LN(f(k)) invariant to the scale of f, so nothing in
+the forward stops the fast weights from shrinking inside a sequence: the forgetting gate decays them every token
+and the outer loop learns larger alpha on some tokens. The inner loss's curvature grows as 1 / std(f)^2 while they
+do, so the same theta becomes a step far past the stability limit (weight decay plus a scale-invariant norm: the
+effective step grows as 1 / |W|^2). Measured in the mini LMM at its first spike (step 113 of 500, block 0): the
+fast weights of one head shrank 40x over a 512-token window (|W1| 128 -> 3), a chunk's theta-weighted curvature
+reached 113 (stable below 1), and the gradient norm was 124, with spikes of 1e4 - 1e8 over the next 400 steps. At
+the same trained weights and batch, ln_eps = 0.01 / 0.1 / 1 gives gradient norms 1.16 / 1.16 / 1.0 at equal loss
+(2.474 -> 2.476 / 2.480 / 2.473): LN's Jacobian is at most 1 / sqrt(ln_eps), so a shrunk memory reads and writes
+more weakly instead of amplifying. `ln_eps` is on f's scale (std ~init_std = 1 at init, where 0.1 changes LN's
+output by 5%). Trained with 0.1, that LMM stays within 7.4x of Transformer++'s gradient norm over 500 steps.
+
 Streaming: the state keeps the fast weights at the last memory-chunk boundary (the anchor of the current chunk)
 and the inputs of the tokens seen since then (fewer than `chunk_size`). The next call replays those tokens from
 the anchor, so feeding a sequence in pieces of any sizes gives exactly what one call gives, and the cost per
@@ -112,6 +124,7 @@ class NeuralMemory(nn.Module):
             row r of the first memory layer's weights (key/query feature r) decays with alpha[r], the later layers
             with the channel mean (see `memory_update`). Same bias init for every channel.
         residual, layer_norm: M(x) = x + LN(f(x)); each part can be switched off.
+        ln_eps: the LayerNorm's epsilon (on f's scale, ~init_std at init): LN's Jacobian is at most 1 / sqrt(ln_eps).
         conv_kernel: causal depthwise conv over q/k/v (0 or 1 disables it).
         init_std, init_scale: W_0 is normal with std init_std / sqrt(n), n the expected squared norm of the layer's
             input at init: `input_norm` (default) 1 for the first layer (unit-norm keys), fan_in * E[gelu(z)^2]
@@ -139,6 +152,7 @@ class NeuralMemory(nn.Module):
         channel_alpha: bool = False,
         residual: bool = True,
         layer_norm: bool = True,
+        ln_eps: float = 0.1,
         conv_kernel: int = 4,
         init_std: float = 1.0,
         init_scale: str = "input_norm",
@@ -161,6 +175,9 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.chunk_size, self.max_lr = chunk_size, max_lr
         self.residual, self.layer_norm, self.compile = residual, layer_norm, compile
+        if ln_eps <= 0:
+            raise ValueError(f"ln_eps must be positive, got {ln_eps}")
+        self.ln_eps = ln_eps
         self.n_theta = depth if per_layer_theta else 1
         self.channel_alpha = channel_alpha
         self.n_alpha = head_dim if channel_alpha else 1
@@ -328,7 +345,8 @@ class NeuralMemory(nn.Module):
         n = n_p + T
         n_full = n - n % self.chunk_size
         theta_arg = theta if self.theta_cols > 1 else theta[..., 0]
-        kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm, compile=self.compile)
+        kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps,
+                  compile=self.compile)
         if reset is not None or state.pending_len is not None:
             y, weights, momentum, pending_len = self._documents(q, k, v, theta_arg, eta, alpha, state, reset, kw)
             m = max(pending_len)
@@ -407,11 +425,11 @@ class NeuralMemory(nn.Module):
         q = F.normalize(self._heads(F.silu(q)), dim=-1)
         weights = self.current_weights(state)
         q = q.to(weights[0].dtype)
-        y = memory_apply(q, weights, residual=self.residual, layer_norm=self.layer_norm)
+        y = memory_apply(q, weights, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps)
         if reset is not None and bool(reset.any()):
             after = torch.cummax(reset.int(), dim=1).values.bool()  # (B, T) at or after a document start
             initial = tuple(w.to(y.dtype).unsqueeze(0).expand(B, *w.shape) for w in self.init_weights)
-            y0 = memory_apply(q, initial, residual=self.residual, layer_norm=self.layer_norm)
+            y0 = memory_apply(q, initial, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps)
             y = torch.where(after[:, None, :, None], y0, y)
             state = self.reset_state(state, after[:, -1])
         new_state = dataclasses.replace(state, query_tail=query_tail)
@@ -426,7 +444,7 @@ class NeuralMemory(nn.Module):
         mask = self._own_pending(state, k_p.shape[2]) if state.pending_len is not None else None
         _, weights, _ = memory_update(
             k_p, k_p, v_p, theta, eta_p, alpha_p, state.weights, state.momentum, chunk_size=self.chunk_size,
-            residual=self.residual, layer_norm=self.layer_norm, mask=mask,
+            residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps, mask=mask,
         )
         return weights
 
@@ -442,5 +460,6 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, n_theta={self.n_theta}, "
-            f"channel_alpha={self.channel_alpha}, residual={self.residual}, layer_norm={self.layer_norm}"
+            f"channel_alpha={self.channel_alpha}, residual={self.residual}, layer_norm={self.layer_norm}, "
+            f"ln_eps={self.ln_eps}"
         )

@@ -12,7 +12,7 @@ import os
 import torch
 from torch import Tensor
 
-from .chunk import memory_apply, memory_update_chunked
+from .chunk import LN_EPS, memory_apply, memory_update_chunked
 from .documents import memory_update_documents
 from .naive import memory_update_reference
 
@@ -52,6 +52,7 @@ def memory_update(
     chunk_size: int = 16,
     residual: bool = True,
     layer_norm: bool = True,
+    ln_eps: float = LN_EPS,
     compile: bool = False,
     impl: str = "auto",
     reset: Tensor | None = None,
@@ -62,7 +63,7 @@ def memory_update(
 
     The memory of each (batch, head) is an MLP with fast weights W = (W_1, ..., W_L):
     M_W(x) = x + LN(f_W(x)), f_W(x) = gelu(... gelu(x W_1) ...) W_L (exact GELU, no bias; LN without affine,
-    eps 1e-5; `residual` / `layer_norm` switch the two parts off). For every token t, with anchor = the weights at
+    eps `ln_eps`; `residual` / `layer_norm` switch the two parts off). For every token t, with anchor = the weights at
     the start of t's memory chunk (chunks of `chunk_size` tokens aligned to t = 0 of this call):
 
         u_t = grad_W ||M_anchor(k_t) - v_t||^2,  S_t = eta_t S_{t-1} - theta_t u_t,
@@ -125,7 +126,7 @@ def memory_update(
     if theta.dim() == 3:
         theta = theta.unsqueeze(-1).expand(*theta.shape, len(weights))
     cast = lambda x: x.to(compute)  # noqa: E731
-    kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm, compile=compile, impl=impl)
+    kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps, compile=compile, impl=impl)
     with torch.autocast(device_type=q.device.type, enabled=False):
         args = (*map(cast, (q, k, v, theta, eta, alpha)), tuple(map(cast, weights)), tuple(map(cast, momentum)))
         if reset is None and mask is None:

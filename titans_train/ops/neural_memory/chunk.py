@@ -150,7 +150,7 @@ CHANNEL_GROUP_ELEMENTS = 1 << 19
 
 
 def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end, residual: bool, layer_norm: bool,
-               first: tuple[Tensor, ...] | None = None):
+               ln_eps: float, first: tuple[Tensor, ...] | None = None):
     """One memory chunk, batched over (batch, head): read its queries, then advance the anchor state.
 
     xq, xk, v: (BH, b, D); W, S: lists of L anchors (BH, in, out); Bc_rows, F_rows: (BH, b, 1); G: (BH, L, b, b);
@@ -169,7 +169,7 @@ def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end
     f = zs[-1]
     if layer_norm:
         fc = f - f.mean(dim=-1, keepdim=True)
-        rstd = torch.rsqrt(fc.pow(2).mean(dim=-1, keepdim=True) + LN_EPS)
+        rstd = torch.rsqrt(fc.pow(2).mean(dim=-1, keepdim=True) + ln_eps)
         fhat = fc * rstd
         g = 2.0 * ((fhat + xk if residual else fhat) - v)
         # LayerNorm backward (no affine): rstd * (g - mean(g) - fhat * mean(g * fhat))
@@ -230,6 +230,7 @@ def memory_update_chunked(
     chunk_size: int = 16,
     residual: bool = True,
     layer_norm: bool = True,
+    ln_eps: float = LN_EPS,
     compile: bool = False,
     impl: str = "auto",
     last: Tensor | None = None,
@@ -289,9 +290,9 @@ def memory_update_chunked(
         GS = torch.stack([G_end, S_end], dim=-2)  # (BH, N, L, 2, b)
         # same inputs and outputs, (batch, head)-major
         fn = CpuChunkedMemory if path == "cpu" else _triton().TritonChunkedMemory
-        out, *state = fn.apply(residual, layer_norm, qc.contiguous(), kc.contiguous(), vc.contiguous(), BF,
+        out, *state = fn.apply(residual, layer_norm, ln_eps, qc.contiguous(), kc.contiguous(), vc.contiguous(), BF,
                                c["G"].contiguous(), E3, GS, *(w.contiguous() for w in W), *(s.contiguous() for s in S))
-        return _finish(out, qc, state[:L], state[L:], B, H, T, D, residual, layer_norm)
+        return _finish(out, qc, state[:L], state[L:], B, H, T, D, residual, layer_norm, ln_eps)
 
     # unbind once: indexing chunk n inside the loop would make every backward step allocate a full-size gradient.
     q_chunks, k_chunks, v_chunks = qc.unbind(1), kc.unbind(1), vc.unbind(1)
@@ -308,12 +309,12 @@ def memory_update_chunked(
     for n in range(N):
         out, W, S = step(
             q_chunks[n], k_chunks[n], v_chunks[n], W, S, Bc_rows[n], F_rows[n], G_chunks[n],
-            P_end[n], Bc_end[n], F_end[n], G_end_chunks[n], S_end_chunks[n], residual, layer_norm, first[n],
+            P_end[n], Bc_end[n], F_end[n], G_end_chunks[n], S_end_chunks[n], residual, layer_norm, ln_eps, first[n],
         )
         outs.append(out)
 
     out = torch.stack(outs, dim=1)  # (BH, N, b, D)
-    return _finish(out, qc, W, S, B, H, T, D, residual, layer_norm)
+    return _finish(out, qc, W, S, B, H, T, D, residual, layer_norm, ln_eps)
 
 
 def _channel_terms(qc, kc, theta1, deta, P, alpha, last) -> list[tuple[Tensor, ...]]:
@@ -389,10 +390,10 @@ def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: 
     return impl
 
 
-def _finish(out, qc, W, S, B, H, T, D, residual, layer_norm):
+def _finish(out, qc, W, S, B, H, T, D, residual, layer_norm, ln_eps):
     BH, N, b = out.shape[:3]
     if layer_norm:
-        out = F.layer_norm(out, out.shape[-1:], eps=LN_EPS)
+        out = F.layer_norm(out, out.shape[-1:], eps=ln_eps)
     if residual:
         out = out + qc
     y = out.reshape(BH, N * b, D)[:, :T].reshape(B, H, T, D)
@@ -401,7 +402,8 @@ def _finish(out, qc, W, S, B, H, T, D, residual, layer_norm):
     return y, w_out, s_out
 
 
-def memory_apply(x: Tensor, weights: tuple[Tensor, ...], *, residual: bool = True, layer_norm: bool = True) -> Tensor:
+def memory_apply(x: Tensor, weights: tuple[Tensor, ...], *, residual: bool = True, layer_norm: bool = True,
+                 ln_eps: float = LN_EPS) -> Tensor:
     """Read the memory without writing it: M_W(x) for every token with one set of weights.
 
     x: (B, H, T, D); weights: L tensors (B, H, in, out). Returns (B, H, T, D).
@@ -412,5 +414,5 @@ def memory_apply(x: Tensor, weights: tuple[Tensor, ...], *, residual: bool = Tru
         if i < len(weights) - 1:
             h = F.gelu(h)
     if layer_norm:
-        h = F.layer_norm(h, h.shape[-1:], eps=LN_EPS)
+        h = F.layer_norm(h, h.shape[-1:], eps=ln_eps)
     return x + h if residual else h

@@ -89,14 +89,16 @@ class CpuChunkedMemory(torch.autograd.Function):
     pre-norm outputs (BH, N, b, D) and the final W_1..W_L, S_1..S_L. Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, residual: bool, layer_norm: bool, q, k, v, BF, G, E3, GS, *state):
+    def forward(ctx, residual: bool, layer_norm: bool, ln_eps: float, q, k, v, BF, G, E3, GS, *state):
         mod = _load()
         L = len(state) // 2
         dims = [q.shape[-1]] + [w.shape[-1] for w in state[:L]]
         flat = _pack(state[:L], state[L:])
         save = any(ctx.needs_input_grad)
-        out, final, ckpt = mod.forward(q, k, v, BF, G, E3, GS, flat, dims, SEGMENT, residual, layer_norm, save)
-        ctx.residual, ctx.layer_norm, ctx.dims, ctx.segment = residual, layer_norm, dims, SEGMENT  # ckpt layout
+        out, final, ckpt = mod.forward(q, k, v, BF, G, E3, GS, flat, dims, SEGMENT, residual, layer_norm, ln_eps,
+                                       save)
+        ctx.residual, ctx.layer_norm, ctx.ln_eps = residual, layer_norm, ln_eps
+        ctx.dims, ctx.segment = dims, SEGMENT  # ckpt layout
         ctx.save_for_backward(q, k, v, BF, G, E3, GS, ckpt)
         W, S = _unpack(final, dims)
         return (out, *W, *S)
@@ -115,10 +117,10 @@ class CpuChunkedMemory(torch.autograd.Function):
         dS = [d if d is not None else q.new_zeros(s) for d, s in zip(dfinal[L:], shapes)]
         dq, dk, dv, dBF, dG, dE3, dGS, dstate = _load().backward(
             q, k, v, BF, G, E3, GS, ckpt, dout.contiguous(), _pack(dW, dS), dims, ctx.segment, ctx.residual,
-            ctx.layer_norm,
+            ctx.layer_norm, ctx.ln_eps,
         )
         dW0, dS0 = _unpack(dstate, dims)
-        return (None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
+        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
 
 
 def _pack(W, S) -> Tensor:

@@ -211,6 +211,7 @@ template <typename T>
 struct Problem {
   int N, b, D, L;
   bool residual, layer_norm;
+  double ln_eps;  // the LayerNorm's epsilon
   std::vector<int> din, dout;
   std::vector<int64_t> off;  // offset of layer l's [W; S] inside a state
   int64_t state_size;
@@ -286,7 +287,7 @@ void chunk_forward(const Problem<T>& p, Segment<T>& s, int n, int j, const T* st
     if (p.layer_norm) {
       T mu = mean(fi, D), var = 0;
       for (int c = 0; c < D; c++) var += (fi[c] - mu) * (fi[c] - mu);
-      T rstd = T(1) / std::sqrt(var / T(D) + T(1e-5));
+      T rstd = T(1) / std::sqrt(var / T(D) + T(p.ln_eps));
       T* y = s.ys.data() + ((int64_t)j * b + i) * D;
       T* g0 = s.g0s.data() + ((int64_t)j * b + i) * D;
       s.rstds[j * b + i] = rstd;
@@ -358,7 +359,8 @@ void chunk_forward(const Problem<T>& p, Segment<T>& s, int n, int j, const T* st
 }
 
 template <typename T>
-Problem<T> make_problem(const at::Tensor& q, const std::vector<int64_t>& dims, bool residual, bool layer_norm) {
+Problem<T> make_problem(const at::Tensor& q, const std::vector<int64_t>& dims, bool residual, bool layer_norm,
+                        double ln_eps) {
   Problem<T> p;
   p.N = q.size(1);
   p.b = q.size(2);
@@ -366,6 +368,7 @@ Problem<T> make_problem(const at::Tensor& q, const std::vector<int64_t>& dims, b
   p.L = dims.size() - 1;
   p.residual = residual;
   p.layer_norm = layer_norm;
+  p.ln_eps = ln_eps;
   int64_t o = 0;
   for (int l = 0; l < p.L; l++) {
     p.din.push_back(dims[l]);
@@ -396,9 +399,9 @@ template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& BF, const at::Tensor& G, const at::Tensor& E3,
                                      const at::Tensor& GS, const at::Tensor& state, const std::vector<int64_t>& dims,
-                                     int64_t K, bool residual, bool layer_norm, bool save) {
+                                     int64_t K, bool residual, bool layer_norm, double ln_eps, bool save) {
   const int64_t BH = q.size(0);
-  Problem<T> proto = make_problem<T>(q, dims, residual, layer_norm);
+  Problem<T> proto = make_problem<T>(q, dims, residual, layer_norm, ln_eps);
   const int N = proto.N;
   K = std::min<int64_t>(K, N);
   const int64_t n_seg = (N + K - 1) / K;
@@ -434,9 +437,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& BF, const at::Tensor& G, const at::Tensor& E3,
                                       const at::Tensor& GS, const at::Tensor& ckpt, const at::Tensor& dout,
                                       const at::Tensor& dfinal, const std::vector<int64_t>& dims, int64_t K,
-                                      bool residual, bool layer_norm) {
+                                      bool residual, bool layer_norm, double ln_eps) {
   const int64_t BH = q.size(0);
-  Problem<T> proto = make_problem<T>(q, dims, residual, layer_norm);
+  Problem<T> proto = make_problem<T>(q, dims, residual, layer_norm, ln_eps);
   const int N = proto.N, b = proto.b, D = proto.D, L = proto.L;
   K = std::min<int64_t>(K, N);
   const int64_t n_seg = (N + K - 1) / K;
@@ -653,23 +656,23 @@ void check(const std::vector<at::Tensor>& ts) {
 
 std::vector<at::Tensor> memory_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor BF, at::Tensor G,
                                        at::Tensor E3, at::Tensor GS, at::Tensor state, std::vector<int64_t> dims,
-                                       int64_t K, bool residual, bool layer_norm, bool save) {
+                                       int64_t K, bool residual, bool layer_norm, double ln_eps, bool save) {
   check({q, k, v, BF, G, E3, GS, state});
   if (q.scalar_type() == at::kDouble)
-    return forward_impl<double>(q, k, v, BF, G, E3, GS, state, dims, K, residual, layer_norm, save);
+    return forward_impl<double>(q, k, v, BF, G, E3, GS, state, dims, K, residual, layer_norm, ln_eps, save);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "titans memory CPU kernel: float32 or float64 only");
-  return forward_impl<float>(q, k, v, BF, G, E3, GS, state, dims, K, residual, layer_norm, save);
+  return forward_impl<float>(q, k, v, BF, G, E3, GS, state, dims, K, residual, layer_norm, ln_eps, save);
 }
 
 std::vector<at::Tensor> memory_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor BF, at::Tensor G,
                                         at::Tensor E3, at::Tensor GS, at::Tensor ckpt, at::Tensor dout,
                                         at::Tensor dfinal, std::vector<int64_t> dims, int64_t K, bool residual,
-                                        bool layer_norm) {
+                                        bool layer_norm, double ln_eps) {
   check({q, k, v, BF, G, E3, GS, ckpt, dout, dfinal});
   if (q.scalar_type() == at::kDouble)
-    return backward_impl<double>(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, K, residual, layer_norm);
+    return backward_impl<double>(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, K, residual, layer_norm, ln_eps);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "titans memory CPU kernel: float32 or float64 only");
-  return backward_impl<float>(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, K, residual, layer_norm);
+  return backward_impl<float>(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, K, residual, layer_norm, ln_eps);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

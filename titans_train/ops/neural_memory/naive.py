@@ -13,7 +13,8 @@ from torch import Tensor
 LN_EPS = 1e-5
 
 
-def memory_forward(weights: list[Tensor], x: Tensor, residual: bool, layer_norm: bool) -> Tensor:
+def memory_forward(weights: list[Tensor], x: Tensor, residual: bool, layer_norm: bool,
+                   ln_eps: float = LN_EPS) -> Tensor:
     """M_W(x) = x + LN(f_W(x)), f_W(x) = gelu(... gelu(x W_1) ...) W_L. x: (B, H, D), W_i: (B, H, in, out)."""
     h = x
     for i, w in enumerate(weights):
@@ -21,7 +22,7 @@ def memory_forward(weights: list[Tensor], x: Tensor, residual: bool, layer_norm:
         if i < len(weights) - 1:
             h = F.gelu(h)  # exact erf GELU
     if layer_norm:
-        h = F.layer_norm(h, h.shape[-1:], eps=LN_EPS)
+        h = F.layer_norm(h, h.shape[-1:], eps=ln_eps)
     return x + h if residual else h
 
 
@@ -38,6 +39,7 @@ def memory_update_reference(
     chunk_size: int = 16,
     residual: bool = True,
     layer_norm: bool = True,
+    ln_eps: float = LN_EPS,
     reset: Tensor | None = None,
     mask: Tensor | None = None,
     initial: tuple[Tensor, ...] | None = None,
@@ -58,7 +60,7 @@ def memory_update_reference(
     """
     if reset is not None or mask is not None:
         return _by_document(q, k, v, theta, eta, alpha, weights, momentum, reset, mask, initial,
-                            chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
+                            chunk_size=chunk_size, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
     n_layers = len(weights)
     T = q.shape[2]
     if theta.dim() == 3:
@@ -66,7 +68,7 @@ def memory_update_reference(
 
     def inner_loss(ws: tuple[Tensor, ...], k_t: Tensor, v_t: Tensor) -> Tensor:
         # Summing over (B, H) keeps the gradient per (B, H): each head's loss only sees its own weights.
-        return (memory_forward(list(ws), k_t, residual, layer_norm) - v_t).pow(2).sum()
+        return (memory_forward(list(ws), k_t, residual, layer_norm, ln_eps) - v_t).pow(2).sum()
 
     grad_fn = torch.func.grad(inner_loss)
     W, S = list(weights), list(momentum)
@@ -84,7 +86,7 @@ def memory_update_reference(
         for i in range(n_layers):
             S[i] = eta[:, :, t, None, None] * S[i] - theta[:, :, t, i, None, None] * u[i]
             W[i] = keep[i][:, :, t] * W[i] + S[i]
-        ys.append(memory_forward(W, q[:, :, t], residual, layer_norm))
+        ys.append(memory_forward(W, q[:, :, t], residual, layer_norm, ln_eps))
     return torch.stack(ys, dim=2), tuple(W), tuple(S)
 
 

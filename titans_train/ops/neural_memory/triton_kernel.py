@@ -35,7 +35,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Chunks per checkpoint segment of the backward (anchors recomputed from one stored state per segment).
 SEGMENT = 8
-_LN_EPS = tl.constexpr(1e-5)
 MAX_LAYERS = 3
 NUM_WARPS = 8
 
@@ -255,7 +254,8 @@ def _update_layer(st, nxt, scr, gs_ptr, bce, pe, fe, b, l: tl.constexpr, L: tl.c
 def _chunk_forward(q_ptr, k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, nxt, scr, out_ptr, b,
                    L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
                    BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr, RES: tl.constexpr, LN: tl.constexpr,
-                   QUERY: tl.constexpr, UPDATE: tl.constexpr, WRITE_OUT: tl.constexpr, PREC: tl.constexpr):
+                   QUERY: tl.constexpr, UPDATE: tl.constexpr, WRITE_OUT: tl.constexpr, PREC: tl.constexpr,
+                   EPS: tl.constexpr):
     """One memory chunk from anchor state `st`: key side (always), query side (QUERY; written to out_ptr when
     WRITE_OUT), chunk-end state into `nxt` (UPDATE). Intermediates stay in the scratch for the backward."""
     r = tl.arange(0, BB)
@@ -273,7 +273,7 @@ def _chunk_forward(q_ptr, k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, nxt, 
     if LN:
         mu = tl.sum(f, 1) / D
         fc = tl.where(col, f - mu[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(fc * fc, 1) / D + _LN_EPS)
+        rstd = 1.0 / tl.sqrt(tl.sum(fc * fc, 1) / D + EPS)
         y = fc * rstd[:, None]
         if RES:
             g0 = 2.0 * (y + kx - vx)
@@ -315,7 +315,7 @@ def _chunk_forward(q_ptr, k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, nxt, 
 def _forward_kernel(q, k, v, bf, g, e3, gs, state0, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS, SCR, K,
                     L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
                     BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr, RES: tl.constexpr,
-                    LN: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+                    LN: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
     """One program per (batch, head) item: its chunk loop, the state ping-ponging between two buffers."""
     bh = tl.program_id(0).to(tl.int64)
     st0 = stbuf + bh * 2 * SS
@@ -331,7 +331,7 @@ def _forward_kernel(q, k, v, bf, g, e3, gs, state0, out, final, ckpt, stbuf, scr
         c = bh * N + n
         _chunk_forward(q + c * b * D, k + c * b * D, v + c * b * D, bf + c * 2 * b, g + c * L * b * b, e3 + c * 3,
                        gs + c * L * 2 * b, cur, nxt, scr, out + c * b * D, b, L, D, HID, DP, HP, BB, SL, KT, RES, LN,
-                       True, True, True, PREC)
+                       True, True, True, PREC, EPS)
         tl.debug_barrier()
     _copy(st0 + (N % 2) * SS, final + bh * SS, SS, 1024)
 
@@ -558,7 +558,7 @@ def _chunk_backward(k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, cin, cout, 
 def _backward_kernel(q, k, v, bf, g, e3, gs, ckpt, dout, dfinal, dq, dk, dv, dbf, dg, de3, dgs, dstate, segst, carry,
                      scratch, N, b, n_seg, SS, SCR, K, L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
                      DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr,
-                     RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr):
+                     RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
     """One program per item: segments in reverse; each recomputes its anchors from its checkpoint, then runs its
     chunks' backwards in reverse (the chunk's forward recomputed into the scratch first)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -577,7 +577,7 @@ def _backward_kernel(q, k, v, bf, g, e3, gs, ckpt, dout, dfinal, dq, dk, dv, dbf
             c = bh * N + n0 + j
             _chunk_forward(q + c * b * D, k + c * b * D, v + c * b * D, bf + c * 2 * b, g + c * L * b * b, e3 + c * 3,
                            gs + c * L * 2 * b, seg + j * SS, seg + (j + 1) * SS, scr, dout, b, L, D, HID, DP, HP, BB,
-                           SL, KT, RES, LN, False, True, False, PREC)
+                           SL, KT, RES, LN, False, True, False, PREC, EPS)
             tl.debug_barrier()
         for jj in range(cnt):
             j = cnt - 1 - jj
@@ -586,7 +586,7 @@ def _backward_kernel(q, k, v, bf, g, e3, gs, ckpt, dout, dfinal, dq, dk, dv, dbf
             st = seg + j * SS
             _chunk_forward(q + c * b * D, k + c * b * D, v + c * b * D, bf + c * 2 * b, g + c * L * b * b, e3 + c * 3,
                            gs + c * L * 2 * b, st, st, scr, dout, b, L, D, HID, DP, HP, BB, SL, KT, RES, LN, True,
-                           False, False, PREC)
+                           False, False, PREC, EPS)
             tl.debug_barrier()
             _chunk_backward(k + c * b * D, v + c * b * D, bf + c * 2 * b, g + c * L * b * b, e3 + c * 3,
                             gs + c * L * 2 * b, st, cb + ((N - 1 - n) % 2) * SS, cb + ((N - n) % 2) * SS, scr,
@@ -625,14 +625,14 @@ def check_supported(q: torch.Tensor, dims, chunk: int) -> None:
                          f"got chunk_size={chunk}")
 
 
-def _meta(q: torch.Tensor, dims, residual: bool, layer_norm: bool) -> dict:
+def _meta(q: torch.Tensor, dims, residual: bool, layer_norm: bool, ln_eps: float) -> dict:
     BH, N, b, D = q.shape
     L = len(dims) - 1
     HID = dims[1] if L > 1 else D
     DP, HP, BB = _pow2(D), _pow2(HID), _pow2(b)
     tf32 = q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return dict(L=L, D=D, HID=HID, DP=DP, HP=HP, BB=BB, SL=BB * max(DP, HP, BB), KT=min(32, DP, HP),
-                RES=bool(residual), LN=bool(layer_norm), PREC="tf32" if tf32 else "ieee")
+                RES=bool(residual), LN=bool(layer_norm), PREC="tf32" if tf32 else "ieee", EPS=float(ln_eps))
 
 
 class TritonChunkedMemory(torch.autograd.Function):
@@ -641,11 +641,11 @@ class TritonChunkedMemory(torch.autograd.Function):
     pre-norm outputs (BH, N, b, D) and the final W_1..W_L, S_1..S_L."""
 
     @staticmethod
-    def forward(ctx, residual: bool, layer_norm: bool, q, k, v, BF, G, E3, GS, *state):
+    def forward(ctx, residual: bool, layer_norm: bool, ln_eps: float, q, k, v, BF, G, E3, GS, *state):
         BH, N, b, D = q.shape
         L = len(state) // 2
         dims = [D] + [w.shape[-1] for w in state[:L]]
-        meta = _meta(q, dims, residual, layer_norm)
+        meta = _meta(q, dims, residual, layer_norm, ln_eps)
         flat = _pack(state[:L], state[L:])
         SS = flat.shape[1]
         K = min(SEGMENT, N)
@@ -688,4 +688,4 @@ class TritonChunkedMemory(torch.autograd.Function):
         _backward_kernel[(BH,)](q, k, v, BF, G, E3, GS, ckpt, dout, dflat, dq, dk, dv, dBF, dG, dE3, dGS, dstate, segst,
                                 carry, scratch, N, b, n_seg, SS, SCR, K, num_warps=NUM_WARPS, **meta)
         dW0, dS0 = _unpack(dstate, dims)
-        return (None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
+        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
