@@ -112,7 +112,8 @@ def test_layer_matches_reference_op(channel_alpha):
     raw = raw * (1 - eta)[..., None]  # momentum_form="ema" (default): theta scaled by 1 - eta
     assert torch.allclose(theta, raw * torch.tensor([1.0, 1 / (4 * D * 0.4252)], dtype=x.dtype))
     s0 = layer.init_state(2)
-    y_ref, _, _ = memory_update_reference(q, k, v, theta, eta, alpha, s0.weights, s0.momentum, chunk_size=8)
+    y_ref, _, _ = memory_update_reference(q, k, v, theta, eta, alpha, s0.weights, s0.momentum, chunk_size=8,
+                                          ln_eps=layer.ln_eps)
     assert (layer._output(y_ref, x) - out).abs().max() <= TOL
 
 
@@ -136,7 +137,7 @@ def test_retrieve_reads_current_weights_without_writing(channel_alpha):
     proj = F.linear(probe, layer.qkv.weight[:24])
     q, _ = layer._causal_conv(proj, state.query_tail, slice(0, 24))
     q = F.normalize(layer._heads(F.silu(q)), dim=-1)
-    expect = layer._output(memory_apply(q, w_now), probe)
+    expect = layer._output(memory_apply(q, w_now, ln_eps=layer.ln_eps), probe)
     assert (expect - h).abs().max() <= TOL
 
 

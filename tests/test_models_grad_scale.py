@@ -57,9 +57,9 @@ def test_step1_gradient_norm_within_10x_of_transformer(dims):
 def test_unnormalised_inner_step_is_what_blows_up():
     """The same check with the old parameterisation fails: the test sees the cause, not noise."""
     torch.set_num_threads(1)
-    old = dict(inner_step="plain", init_scale="fan_in", value_norm=False)
+    old = dict(inner_step="plain", init_scale="fan_in", value_norm=False, ln_eps=1e-5)
     ref = _grad_norm("transformer", {}, **SMALL)
-    assert _grad_norm("mag", old, **SMALL) / ref > 30  # measured 129x (2.0x with the defaults)
+    assert _grad_norm("mag", old, **SMALL) / ref > 30  # measured 129x (2.0x with the defaults; 19.8x with ln_eps 0.1)
 
 
 def test_mac_memory_rates_do_not_follow_the_attention_output_scale():
