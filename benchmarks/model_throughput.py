@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from titans_train.cli import cpu_runtime_defaults
+from titans_train.cli import cpu_runtime_defaults, flush_denormals
 
 OURS = ["transformer", "lmm", "mag", "mal", "mac"]
 TITANS_PYTORCH = ["tp_mac144", "tp_mac16"]
@@ -151,6 +151,7 @@ def run_generate(case: str, prompt_len: int, args) -> dict:
 
 def child(args) -> int:
     torch.set_num_threads(args.threads)
+    flush_denormals()  # as titans-train does: a long stream's state decays through the subnormal range
     fn = {"train": run_train, "stream": run_stream, "generate": run_generate}[args.child_part]
     try:
         result = fn(args.child_case, args.child_T, args)

@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from titans_train.cli import flush_denormals  # noqa: E402
 from titans_train.config import load_recipe, model_config  # noqa: E402
 from titans_train.models import build_model  # noqa: E402
 from titans_train.train.optim import WarmupCosine, param_groups  # noqa: E402
@@ -390,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    flush_denormals()  # a carried state decays through the subnormal range (titans_train.cli.flush_denormals)
     if args.merge:
         return merge(args.merge, Path(args.out))
     data = Path(args.data)

@@ -24,6 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# subcommands that run models on the CPU (flush_denormals before they start)
+COMPUTE_COMMANDS = frozenset({"fit", "validate", "generate", "eval"})
+
+
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit code 2, no traceback."""
 
@@ -67,6 +71,18 @@ def cpu_runtime_defaults(environ=os.environ, training: bool = False) -> dict[str
     return changes
 
 
+def flush_denormals() -> bool:
+    """Flush subnormal floats to zero on this CPU (FTZ/DAZ), for every thread that computes; False where the CPU
+    has no such mode. Why: the forgetting gate decays parts of a carried memory state geometrically, through the
+    subnormal range (below 1.2e-38 in float32), where x86 arithmetic takes a microcode assist per operation. A
+    MAG training window with the state carried from the previous ones ran 5.5 s, then 18.1 s and 28.8 s once
+    2 M of its state's values were subnormal; flushed, 4.6-5.5 s over 16 windows (BENCHMARKS.md, "CPU threads").
+    Values that small carry nothing a float32 sum could keep. Imports torch: call it where computing starts."""
+    import torch
+
+    return torch.set_flush_denormal(True)
+
+
 def _mallopt(param: int, value: int) -> bool:
     """glibc's mallopt for this process; False where there is none (macOS, Windows, musl's no-op)."""
     if not sys.platform.startswith("linux"):
@@ -106,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in COMPUTE_COMMANDS:
+        flush_denormals()
     try:
         return int(_load(args._module).run(args) or 0)
     except UserError as e:
