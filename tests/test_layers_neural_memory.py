@@ -39,7 +39,8 @@ def random_split(T: int, gen: torch.Generator) -> list[int]:
 
 
 RATES = {"theta-shared": {}, "theta-per-layer": {"per_layer_theta": True}, "alpha-channel": {"channel_alpha": True},
-         "theta-per-layer+alpha-channel": {"per_layer_theta": True, "channel_alpha": True}}
+         "theta-per-layer+alpha-channel": {"per_layer_theta": True, "channel_alpha": True},
+         "forget-to-initial": {"forget_target": "initial", "alpha_bias": -2.0}}
 
 
 @pytest.mark.parametrize("rates", list(RATES))
@@ -93,10 +94,11 @@ def test_causal_conv_matches_conv1d(kernel):
         assert g.shape == w.shape and torch.allclose(g, w, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("forget_target", ["zero", "initial"])
 @pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
-def test_layer_matches_reference_op(channel_alpha):
+def test_layer_matches_reference_op(channel_alpha, forget_target):
     """The layer's memory read-out is the reference op applied to its own projections."""
-    layer = make_layer(channel_alpha=channel_alpha)
+    layer = make_layer(channel_alpha=channel_alpha, forget_target=forget_target, alpha_bias=-2.0)
     x = torch.randn(2, 21, 24, dtype=torch.float64)
     out, _ = layer(x)
     # Recompute projections as the layer does and run the token-loop reference.
@@ -112,9 +114,14 @@ def test_layer_matches_reference_op(channel_alpha):
     raw = raw * (1 - eta)[..., None]  # momentum_form="ema" (default): theta scaled by 1 - eta
     assert torch.allclose(theta, raw * torch.tensor([1.0, 1 / (4 * D * 0.4252)], dtype=x.dtype))
     s0 = layer.init_state(2)
+    target = s0.weights if forget_target == "initial" else None
     y_ref, _, _ = memory_update_reference(q, k, v, theta, eta, alpha, s0.weights, s0.momentum, chunk_size=8,
-                                          ln_eps=layer.ln_eps)
+                                          ln_eps=layer.ln_eps, forget_to=target)
     assert (layer._output(y_ref, x) - out).abs().max() <= TOL
+    if forget_target == "initial":  # and not the paper's form (alpha ~0.12 here: the two differ)
+        y_zero, _, _ = memory_update_reference(q, k, v, theta, eta, alpha, s0.weights, s0.momentum, chunk_size=8,
+                                               ln_eps=layer.ln_eps)
+        assert (layer._output(y_zero, x) - out).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
@@ -184,8 +191,9 @@ def grads_of(layer, y):
     return dict(zip([n for n, _ in layer.named_parameters()], torch.autograd.grad((y * cot).sum(), list(layer.parameters()))))
 
 
-@pytest.mark.parametrize("kw", [{}, {"per_layer_theta": True, "depth": 1}, {"channel_alpha": True}],
-                         ids=["default", "linear-per-layer-theta", "alpha-channel"])
+@pytest.mark.parametrize("kw", [{}, {"per_layer_theta": True, "depth": 1}, {"channel_alpha": True},
+                                {"forget_target": "initial", "alpha_bias": -2.0}],
+                         ids=["default", "linear-per-layer-theta", "alpha-channel", "forget-to-initial"])
 @pytest.mark.parametrize("case", list(DOC_STARTS))
 def test_packed_documents_equal_each_document_alone(case, kw):
     """A row of several documents with `reset` == each document alone from the initial state: outputs and the
@@ -202,11 +210,12 @@ def test_packed_documents_equal_each_document_alone(case, kw):
         assert (g[name] - g_ref[name]).abs().max() <= TOL, name
 
 
+@pytest.mark.parametrize("forget_target", ["zero", "initial"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_documents_in_pieces_equal_one_call(seed):
+def test_documents_in_pieces_equal_one_call(seed, forget_target):
     """Streaming stays exact with document starts: pieces of random sizes (resets sliced with them) == one call,
     outputs and the final state, also when the rows' memory chunks are out of step (`pending_len`)."""
-    layer = make_layer()
+    layer = make_layer(forget_target=forget_target)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 45, 24, dtype=torch.float64, generator=gen)
     reset = doc_reset(DOC_STARTS["mixed"])
@@ -293,6 +302,8 @@ def test_bad_config():
         NeuralMemory(16, 2, chunk_size=0)
     with pytest.raises(ValueError, match="ln_eps"):
         NeuralMemory(16, 2, ln_eps=0.0)
+    with pytest.raises(ValueError, match="forget_target"):
+        NeuralMemory(16, 2, forget_target="init")
 
 
 def test_bf16_autocast_runs_with_fp32_memory():
@@ -308,3 +319,19 @@ def test_bf16_autocast_runs_with_fp32_memory():
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
     y32, _ = layer(x)
     assert (y.float() - y32).abs().max() < 0.1  # bf16 projections, fp32 memory: close to full fp32
+
+
+def test_forgetting_to_zero_empties_the_memory_for_good():
+    """Why `forget_target="initial"` exists: under a strong gate (alpha ~0.06, as the outer loop learns on some
+    tokens) a long stream decays a bias-free memory MLP to zero, where each layer's inner gradient (a product with
+    the other layer's weights) vanishes, so no later token can write it again; forgetting to W_0 keeps it usable."""
+    x = torch.randn(1, 1024, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    norms = {}
+    for target in ("zero", "initial"):
+        layer = make_layer(forget_target=target, alpha_bias=-2.75)
+        with torch.no_grad():
+            _, state = layer(x)
+            w0 = layer.init_state(1).weights
+            norms[target] = [(w.norm() / w_init.norm()).item() for w, w_init in zip(state.weights, w0)]
+    assert max(norms["zero"]) < 1e-12, norms
+    assert min(norms["initial"]) > 0.3, norms

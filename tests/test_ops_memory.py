@@ -61,7 +61,7 @@ NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
 
 
 def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False, compile=False, impl="auto",
-            channel_alpha=False, batch_heads=(B, H), ln_eps=None):
+            channel_alpha=False, batch_heads=(B, H), ln_eps=None, forget_to=False):
     if impl == "cpu":
         _cpu_kernel()
     args, leaves = make_inputs(T, n_layers, per_layer_theta, layer_norm, channel_alpha=channel_alpha,
@@ -69,13 +69,19 @@ def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
     if ln_eps is not None:
         kw["ln_eps"] = ln_eps
+    if forget_to:  # a decay target other than the weights themselves (W_0 of the layer), with its own gradient
+        g = torch.Generator().manual_seed(1)
+        kw["forget_to"] = tuple((w.detach() + 0.5 * torch.randn(w.shape, generator=g, dtype=w.dtype) * w.detach().std())
+                                .requires_grad_(True) for w in args[6])
+        leaves = [*leaves, *kw["forget_to"]]
     fast = run_with_grads(memory_update, args, leaves, compile=compile, impl=impl, **kw)
     ref = run_with_grads(memory_update_reference, args, leaves, **kw)
     errors = {"y": (fast[0] - ref[0]).abs().max().item()}
     for i in range(n_layers):
         errors[f"weights_out[{i}]"] = (fast[1][i] - ref[1][i]).abs().max().item()
         errors[f"momentum_out[{i}]"] = (fast[2][i] - ref[2][i]).abs().max().item()
-    names = NAMES + [f"weights[{i}]" for i in range(n_layers)] + [f"momentum[{i}]" for i in range(n_layers)]
+    names = NAMES + [f"weights[{i}]" for i in range(n_layers)] + [f"momentum[{i}]" for i in range(n_layers)] \
+        + ([f"forget_to[{i}]" for i in range(n_layers)] if forget_to else [])
     for name, gf, gr in zip(names, fast[3], ref[3]):
         errors[f"grad {name}"] = (gf - gr).abs().max().item()
         # the comparison must be about real numbers, not two zeros or two NaNs
@@ -134,6 +140,50 @@ def test_ln_eps_matches_reference(residual, impl):
     with torch.no_grad():
         assert not torch.allclose(memory_update(*args, chunk_size=4, impl=impl, ln_eps=0.5)[0],
                                   memory_update(*args, chunk_size=4, impl=impl)[0], atol=1e-3)
+
+
+# ---- forget_to: the gate decays towards given weights (W_0) instead of zero ---------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("n_layers", [1, 2, 3], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("residual,layer_norm", FORMS[:2], ids=FORM_IDS[:2])
+def test_forget_to_matches_reference(chunk_size, n_layers, residual, layer_norm):
+    compare(37, chunk_size, n_layers, residual, layer_norm, forget_to=True)
+
+
+@pytest.mark.parametrize("extra", [dict(channel_alpha=True), dict(per_layer_theta=True), dict(ln_eps=0.1)],
+                         ids=["channel", "per_layer_theta", "eps0.1"])
+def test_forget_to_with_the_other_options(extra):
+    compare(37, 4, 2, True, True, forget_to=True, **extra)
+
+
+def test_forget_to_definition_and_kernels():
+    """Written out for the linear memory at chunk 1: W_t = (1 - alpha_t) W_{t-1} + alpha_t W_target + S_t; zero
+    targets are the paper's form; the hand-written kernels refuse it by name."""
+    args, _ = make_inputs(9, 1)
+    q, k, v, theta, eta, alpha, W, S = (a.detach() if torch.is_tensor(a) else tuple(x.detach() for x in a) for a in args)
+    target = (torch.randn(W[0].shape, dtype=W[0].dtype, generator=torch.Generator().manual_seed(2)),)
+    kw = dict(chunk_size=1, residual=False, layer_norm=False)
+    _, W1, S1 = memory_update(q, k, v, theta, eta, alpha, W, S, forget_to=target, **kw)
+    w, s = W[0], S[0]
+    for t in range(9):
+        err = torch.einsum("bhi,bhio->bho", k[:, :, t], w) - v[:, :, t]
+        u = 2 * torch.einsum("bhi,bho->bhio", k[:, :, t], err)
+        s = eta[:, :, t, None, None] * s - theta[:, :, t, None, None] * u
+        a = alpha[:, :, t, None, None]
+        w = (1 - a) * w + a * target[0] + s
+    torch.testing.assert_close(W1[0], w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S1[0], s, rtol=0, atol=1e-12)
+    zero = memory_update(q, k, v, theta, eta, alpha, W, S, forget_to=(torch.zeros_like(W[0]),), **kw)
+    plain = memory_update(q, k, v, theta, eta, alpha, W, S, **kw)
+    for a, b in zip(zero, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for impl in ("cpu", "triton"):
+        with pytest.raises(ValueError, match="forget_to"):
+            memory_update(q, k, v, theta, eta, alpha, W, S, forget_to=target, impl=impl, **kw)
+    with pytest.raises(ValueError, match="forget_to shapes"):
+        memory_update(q, k, v, theta, eta, alpha, W, S, forget_to=(target[0][:, :, :1],), **kw)
 
 
 # ---- channel-wise alpha: (B, H, T, D), row r of the first layer decays with alpha[..., r] -------------------------

@@ -35,12 +35,14 @@ CASES = {
 }
 
 
-def compare(reset, mask, chunk_size, impl, n_layers=2, channel_alpha=False):
+def compare(reset, mask, chunk_size, impl, n_layers=2, channel_alpha=False, forget_to=False):
     if impl == "cpu":
         _cpu_kernel()
     args, leaves = make_inputs(T, n_layers, channel_alpha=channel_alpha)
     W0 = tuple((0.9 * w).detach().requires_grad_(True) for w in args[6])  # the initial state differs from W
     kw = dict(chunk_size=chunk_size, reset=reset, mask=mask, initial=W0)
+    if forget_to:  # the layer's use: forget back to W_0, the state every document starts from
+        kw["forget_to"] = W0
     outs = {}
     for name, fn, extra in (("fast", memory_update, {"impl": impl}), ("ref", memory_update_reference, {})):
         y, W, S = fn(*args, **kw, **extra)
@@ -114,3 +116,13 @@ def test_bad_reset_names_the_argument():
         memory_update(*args, reset=torch.zeros(B, T, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"initial\[1\].shape"):
         memory_update(*args, reset=torch.zeros(B, T, dtype=torch.bool), initial=(args[6][0], args[6][0]))
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("case", ["mid-chunk", "many-short"])
+def test_documents_forgetting_to_the_initial_weights(case, chunk_size):
+    """Packed documents with the gate decaying to W_0 (the layer's `forget_target="initial"`): padding and the
+    chunks without a real token leave the state alone, and the gradient of W_0 sums its two roles."""
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 20:23] = False
+    compare(starts(*CASES[case]), mask, chunk_size, "autograd", forget_to=True)

@@ -93,6 +93,12 @@ class MemoryConfig:
     """Initial bias of the momentum decay eta = sigmoid(linear(x)) (2.0: eta ~ 0.88)."""
     alpha_bias: float = -6.0
     """Initial bias of the forgetting gate alpha = sigmoid(linear(x)) (-6.0: alpha ~ 0.0025, ~400-token memory)."""
+    forget_target: str = "zero"
+    """What the forgetting gate decays the fast weights towards: `zero` (the paper's M_t = (1 - alpha_t) M_(t-1) +
+    S_t) or `initial` (the learned W_0: M_t = (1 - alpha_t) M_(t-1) + alpha_t W_0 + S_t). With `zero` a long stream
+    can forget a bias-free memory MLP all the way to zero, where the inner gradient of each layer (a product with the
+    others' weights) vanishes and the memory stays empty; `initial` forgets back to the prior the outer loop learnt.
+    `initial` runs the memory op's autograd step (the CPU and Triton kernels have no decay target yet)."""
     compile: bool = False
     """Run the memory op's per-chunk autograd step through torch.compile (fewer kernels on GPU; compiles once per
     process and shape, tens of seconds). On CPU leave it off: the default there is the op's C++ kernel, 2.2x faster
@@ -106,7 +112,7 @@ class MemoryConfig:
         if not self.max_lr > 0:
             raise ValueError(f"model.memory.max_lr={self.max_lr} must be > 0")
         for key, choices in (("init_scale", ("input_norm", "fan_in")), ("inner_step", ("normalized", "plain")),
-                             ("momentum_form", ("plain", "ema"))):
+                             ("momentum_form", ("plain", "ema")), ("forget_target", ("zero", "initial"))):
             if getattr(self, key) not in choices:
                 raise ValueError(f"model.memory.{key}={getattr(self, key)!r} must be one of {', '.join(choices)}")
 

@@ -87,6 +87,7 @@ class MemoryState(StateMixin):
 INIT_SCALES = ("input_norm", "fan_in")
 INNER_STEPS = ("normalized", "plain")
 MOMENTUM_FORMS = ("plain", "ema")
+FORGET_TARGETS = ("zero", "initial")
 GELU_SQ = 0.4252  # E[gelu(z)^2] for z ~ N(0, 1) (quadrature)
 
 
@@ -136,6 +137,9 @@ class NeuralMemory(nn.Module):
             of summing ~1 / (1 - eta_t) of them) or `plain` (the paper's S_t = eta_t S_(t-1) - theta_t grad_t).
         theta_bias, eta_bias, alpha_bias: initial biases of the rate maps (sigmoid space); defaults give
             theta = max_lr * 0.5, eta ~ 0.88, alpha ~ 0.0025 (forgetting over ~400 tokens) at init.
+        forget_target: what the forgetting gate decays the fast weights towards: "zero" (the paper) or "initial"
+            (the learned W_0; see `memory_update`'s `forget_to`). Zero is a fixed point of a bias-free memory MLP's
+            inner gradient descent: forgotten that far, the memory cannot learn again.
         compile: run the op's per-chunk step through torch.compile (faster; compiles once per process/shape).
     """
 
@@ -162,6 +166,7 @@ class NeuralMemory(nn.Module):
         theta_bias: float = 0.0,
         eta_bias: float = 2.0,
         alpha_bias: float = -6.0,
+        forget_target: str = "zero",
         compile: bool = False,
     ):
         super().__init__()
@@ -188,7 +193,10 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"inner_step={inner_step!r}: choose one of {', '.join(INNER_STEPS)}")
         if momentum_form not in MOMENTUM_FORMS:
             raise ValueError(f"momentum_form={momentum_form!r}: choose one of {', '.join(MOMENTUM_FORMS)}")
+        if forget_target not in FORGET_TARGETS:
+            raise ValueError(f"forget_target={forget_target!r}: choose one of {', '.join(FORGET_TARGETS)}")
         self.value_norm, self.inner_step, self.momentum_form = value_norm, inner_step, momentum_form
+        self.forget_target = forget_target
         inner = heads * head_dim
 
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -345,8 +353,7 @@ class NeuralMemory(nn.Module):
         n = n_p + T
         n_full = n - n % self.chunk_size
         theta_arg = theta if self.theta_cols > 1 else theta[..., 0]
-        kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps,
-                  compile=self.compile)
+        kw = self._op_kw(B, q.device, state.weights[0].dtype)
         if reset is not None or state.pending_len is not None:
             y, weights, momentum, pending_len = self._documents(q, k, v, theta_arg, eta, alpha, state, reset, kw)
             m = max(pending_len)
@@ -389,8 +396,7 @@ class NeuralMemory(nn.Module):
         doc = torch.where(starts.any(dim=1), torch.where(starts, pos, -1).amax(dim=1), n_p - lens)
         m = (n - doc) % b  # (B,) tokens after the row's last memory-chunk boundary
         tail = pos[None, :] >= (n - m)[:, None]
-        initial = tuple(w.to(q.device, state.weights[0].dtype).unsqueeze(0).expand(B, *w.shape)
-                        for w in self.init_weights)
+        initial = self._initial(B, q.device, state.weights[0].dtype)
         y, weights, momentum = memory_update(q, k, v, theta, eta, alpha, state.weights, state.momentum, **kw,
                                              reset=starts, mask=present & ~tail, initial=initial)
         if bool(tail.any()):  # the pending tokens of the next call, read from their anchor (a document start: W_0)
@@ -442,11 +448,21 @@ class NeuralMemory(nn.Module):
         k_p, v_p, theta_p, eta_p, alpha_p = state.pending
         theta = theta_p if self.theta_cols > 1 else theta_p[..., 0]
         mask = self._own_pending(state, k_p.shape[2]) if state.pending_len is not None else None
-        _, weights, _ = memory_update(
-            k_p, k_p, v_p, theta, eta_p, alpha_p, state.weights, state.momentum, chunk_size=self.chunk_size,
-            residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps, mask=mask,
-        )
+        _, weights, _ = memory_update(k_p, k_p, v_p, theta, eta_p, alpha_p, state.weights, state.momentum, mask=mask,
+                                      **self._op_kw(k_p.shape[0], k_p.device, state.weights[0].dtype))
         return weights
+
+    def _initial(self, batch_size: int, device, dtype) -> tuple[Tensor, ...]:
+        """The learned W_0, one view per row."""
+        return tuple(w.to(device, dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights)
+
+    def _op_kw(self, batch_size: int, device, dtype) -> dict:
+        """The memory op's arguments that come from this layer's configuration."""
+        kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps,
+                  compile=self.compile)
+        if self.forget_target == "initial":
+            kw["forget_to"] = self._initial(batch_size, device, dtype)
+        return kw
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMS norm, SiLU gate from the layer input, output projection. y: (B, H, T, D) -> (B, T, dim)."""
@@ -461,5 +477,5 @@ class NeuralMemory(nn.Module):
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, n_theta={self.n_theta}, "
             f"channel_alpha={self.channel_alpha}, residual={self.residual}, layer_norm={self.layer_norm}, "
-            f"ln_eps={self.ln_eps}"
+            f"ln_eps={self.ln_eps}, forget_target={self.forget_target}"
         )

@@ -58,6 +58,7 @@ def memory_update(
     reset: Tensor | None = None,
     mask: Tensor | None = None,
     initial: tuple[Tensor, ...] | None = None,
+    forget_to: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Read and write a Titans neural memory over a sequence (chunked dual form, exact per token).
 
@@ -100,6 +101,11 @@ def memory_update(
             and the memory chunks are counted over the present tokens only.
         initial: L tensors shaped like `weights` (the learned W_0 of each row); gradients reach them from every
             reset.
+        forget_to: L tensors shaped like `weights`, or None (the paper's form: the gate decays towards zero). The
+            gate decays towards them instead: W_t = (1 - alpha_t) W_{t-1} + alpha_t forget_to + S_t, so that a
+            long stream forgets back to them (e.g. the learned W_0) rather than to the all-zero MLP, from which the
+            inner gradient of a bias-free MLP cannot grow it again. Runs the autograd step ("auto" picks it; "cpu"
+            and "triton" raise ValueError); gradients reach them.
 
     Returns:
         y: (B, H, T, D), retrieval of each token after its own update, in q's dtype.
@@ -119,6 +125,9 @@ def memory_update(
     """
     _validate(q, k, v, theta, eta, alpha, weights, momentum, chunk_size)
     _validate_documents(q, weights, reset, mask, initial)
+    if forget_to is not None and [tuple(w.shape) for w in forget_to] != [tuple(w.shape) for w in weights]:
+        raise ValueError(f"forget_to shapes {[tuple(w.shape) for w in forget_to]} must match the weights' "
+                         f"{[tuple(w.shape) for w in weights]}")
     if _DEBUG:
         _check_values(q, k, v, theta, eta, alpha, weights, momentum)
     out_dtype = q.dtype
@@ -128,6 +137,8 @@ def memory_update(
     cast = lambda x: x.to(compute)  # noqa: E731
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps, compile=compile, impl=impl)
     with torch.autocast(device_type=q.device.type, enabled=False):
+        if forget_to is not None:
+            kw["forget_to"] = tuple(map(cast, forget_to))
         args = (*map(cast, (q, k, v, theta, eta, alpha)), tuple(map(cast, weights)), tuple(map(cast, momentum)))
         if reset is None and mask is None:
             y, w_out, s_out = memory_update_chunked(*args, **kw)

@@ -150,13 +150,15 @@ CHANNEL_GROUP_ELEMENTS = 1 << 19
 
 
 def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end, residual: bool, layer_norm: bool,
-               ln_eps: float, first: tuple[Tensor, ...] | None = None):
+               ln_eps: float, first: tuple[Tensor, ...] | None = None, target: list[Tensor] | None = None):
     """One memory chunk, batched over (batch, head): read its queries, then advance the anchor state.
 
     xq, xk, v: (BH, b, D); W, S: lists of L anchors (BH, in, out); Bc_rows, F_rows: (BH, b, 1); G: (BH, L, b, b);
     P_e, Bc_e, F_e: (BH, 1, 1) chunk-end coefficients; G_end, S_end: (BH, L, b, 1) chunk-end rows of G and of
     Deta * theta. `first`: channel-wise alpha only, the first layer's terms from `channel_first_layer` (Bc1 * xq,
     F1 * xq (BH, b, D), scores (BH, b, b), Bc1_e, F1_e (BH, D, 1), G1[e] * xk (BH, b, D)), used for layer 1.
+    `target`: the weights the gate decays towards (BH, in, out) per layer, None for zero: the decayed part of the
+    anchor, (1 - Bc) W_0 in the dual form below, moves to them, W_i = Bc_i W + (1 - Bc_i) target + ....
     Returns the queries' last-layer pre-norm outputs (BH, b, D) and the next anchors.
     """
     L = len(W)
@@ -185,11 +187,14 @@ def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end
     h = xq
     for l in range(L):
         if l == 0 and first is not None:  # channel-wise: z = (Bc1 * X) W_0 + (F1 * X) S_0 - scores Delta
-            scores = first[2]
-            z = torch.baddbmm(torch.bmm(first[0], W[0]), first[1], S[0])
+            scores, bh = first[2], first[0]
+            z = torch.baddbmm(torch.bmm(bh, W[0]), first[1], S[0])
         else:
             scores = G[:, l] * (h @ acts[l].transpose(-1, -2))  # (BH, b, b), lower triangular
-            z = torch.baddbmm(torch.bmm(Bc_rows * h, W[l]), F_rows * h, S[l])
+            bh = Bc_rows * h
+            z = torch.baddbmm(torch.bmm(bh, W[l]), F_rows * h, S[l])
+        if target is not None:
+            z = torch.baddbmm(z, h - bh, target[l])
         z = torch.baddbmm(z, scores, deltas[l], alpha=-1.0)
         h = F.gelu(z) if l < L - 1 else z
 
@@ -198,10 +203,14 @@ def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end
     for l in range(L):
         a_t = acts[l].transpose(-1, -2)  # (BH, in, b)
         if l == 0 and first is not None:  # W1[r] = Bc1_e[r] W1[r] + F1_e[r] S1[r] - ((G1[e] * X_k)^T Delta)[r]
+            keep_e = first[3]
             w = torch.baddbmm(torch.addcmul(first[3] * W[0], first[4], S[0]), first[5].transpose(-1, -2), deltas[0],
                               alpha=-1.0)
         else:
+            keep_e = Bc_e
             w = torch.baddbmm(torch.addcmul(Bc_e * W[l], F_e, S[l]), a_t, G_end[:, l] * deltas[l], alpha=-1.0)
+        if target is not None:
+            w = torch.addcmul(w, 1.0 - keep_e, target[l])
         W_new.append(w)
         S_new.append(torch.baddbmm(P_e * S[l], a_t, S_end[:, l] * deltas[l], alpha=-1.0))
     return h, W_new, S_new
@@ -234,6 +243,7 @@ def memory_update_chunked(
     compile: bool = False,
     impl: str = "auto",
     last: Tensor | None = None,
+    forget_to: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Validated-input implementation of `memory_update` (see `titans_train.ops.memory_update`).
 
@@ -283,7 +293,8 @@ def memory_update_chunked(
     W = [w.reshape(BH, *w.shape[2:]) for w in weights]  # (BH, in, out)
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
 
-    path = choose_impl(impl, compile, b, q, channel_alpha=channel, dims=[D] + [w.shape[-1] for w in weights])
+    path = choose_impl(impl, compile, b, q, channel_alpha=channel, dims=[D] + [w.shape[-1] for w in weights],
+                       forget_to=forget_to is not None)
     if path in ("cpu", "triton"):  # the hand-written backwards take the coefficients stacked
         BF = torch.stack([c["Bc"], c["F"]], dim=-2)  # (BH, N, 2, b)
         E3 = torch.stack([end["Bc"], end["P"], end["F"]], dim=-1)  # (BH, N, 3)
@@ -304,12 +315,14 @@ def memory_update_chunked(
     first = [None] * N
     if channel:
         first = _channel_terms(qc, kc, chunks(theta)[..., 0], c["deta"], c["P"], alpha_c, last)
+    target = None if forget_to is None else [w.reshape(BH, *w.shape[2:]) for w in forget_to]
     outs = []
     step = _compiled_step() if compile else chunk_step
     for n in range(N):
         out, W, S = step(
             q_chunks[n], k_chunks[n], v_chunks[n], W, S, Bc_rows[n], F_rows[n], G_chunks[n],
             P_end[n], Bc_end[n], F_end[n], G_end_chunks[n], S_end_chunks[n], residual, layer_norm, ln_eps, first[n],
+            target,
         )
         outs.append(out)
 
@@ -356,12 +369,13 @@ def _triton_error(q: Tensor, dims, chunk: int) -> str | None:
     return None
 
 
-def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: bool = False, dims=()) -> str:
+def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: bool = False, dims=(),
+                forget_to: bool = False) -> str:
     """Which implementation runs: "cpu" (the compiled CPU kernel, cpu.py), "triton" (triton_kernel.py) or "autograd"
     (the per-chunk step under autograd, compiled when compile=True).
 
-    "auto" takes the CPU kernel for float32/float64 CPU tensors with scalar (per-head) alpha when it builds on this
-    machine and compile=False, the Triton kernels for CUDA tensors with scalar alpha and compile=False when triton
+    "auto" takes the CPU kernel for float32/float64 CPU tensors with scalar (per-head) alpha and no `forget_to` when
+    it builds on this machine and compile=False, the Triton kernels for CUDA tensors with scalar alpha and compile=False when triton
     imports and supports the memory's widths (`dims`: D, hidden..., D) and chunk size, else the autograd step. An explicit choice
     that cannot run raises a ValueError (or a RuntimeError saying why the CPU kernel did not build)."""
     if impl not in IMPLS:
@@ -369,6 +383,10 @@ def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: 
     if channel_alpha and impl in ("cpu", "triton"):  # scalar decay coefficients only
         raise ValueError(f"impl={impl!r} does not support channel-wise alpha (alpha of shape (B, H, T, D)); "
                          "use impl='autograd' or 'auto'")
+    if forget_to and impl in ("cpu", "triton"):  # the hand-written backwards have no decay target
+        raise ValueError(f"impl={impl!r} does not support forget_to (decay towards given weights); "
+                         "use impl='autograd' or 'auto'")
+    kernels_apply = not (channel_alpha or forget_to)  # else "auto" takes the autograd step
     kernel_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
     if impl == "cpu":
         if not kernel_ok:
@@ -382,9 +400,9 @@ def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: 
             raise ValueError(why)
         return "triton"
     if impl == "auto":
-        if kernel_ok and not channel_alpha and not compile and cpu_kernel.available():
+        if kernel_ok and kernels_apply and not compile and cpu_kernel.available():
             return "cpu"
-        if q.is_cuda and not channel_alpha and not compile and _triton_error(q, dims, chunk) is None:
+        if q.is_cuda and kernels_apply and not compile and _triton_error(q, dims, chunk) is None:
             return "triton"
         return "autograd"
     return impl

@@ -43,6 +43,7 @@ def memory_update_reference(
     reset: Tensor | None = None,
     mask: Tensor | None = None,
     initial: tuple[Tensor, ...] | None = None,
+    forget_to: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Token loop with `torch.func.grad`; same signature and meaning as `memory_update`.
 
@@ -57,10 +58,14 @@ def memory_update_reference(
     `alpha` may be (B, H, T) or (B, H, T, D) (channel-wise): then row r of the first layer's weights (input
     channel r, the key/query feature r) decays with alpha_t[r], W1_t = diag(1 - alpha_t) W1_{t-1} + S1_t, and every
     later layer with the channel mean alpha_t.mean(-1).
+
+    `forget_to` (weights shaped like `weights`): the gate decays towards them instead of zero,
+    W_t = (1 - alpha_t) W_{t-1} + alpha_t forget_to + S_t (with the channel-wise gate, per row like the decay).
     """
     if reset is not None or mask is not None:
         return _by_document(q, k, v, theta, eta, alpha, weights, momentum, reset, mask, initial,
-                            chunk_size=chunk_size, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
+                            chunk_size=chunk_size, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps,
+                            forget_to=forget_to)
     n_layers = len(weights)
     T = q.shape[2]
     if theta.dim() == 3:
@@ -86,11 +91,13 @@ def memory_update_reference(
         for i in range(n_layers):
             S[i] = eta[:, :, t, None, None] * S[i] - theta[:, :, t, i, None, None] * u[i]
             W[i] = keep[i][:, :, t] * W[i] + S[i]
+            if forget_to is not None:
+                W[i] = W[i] + (1 - keep[i][:, :, t]) * forget_to[i]
         ys.append(memory_forward(W, q[:, :, t], residual, layer_norm, ln_eps))
     return torch.stack(ys, dim=2), tuple(W), tuple(S)
 
 
-def _by_document(q, k, v, theta, eta, alpha, weights, momentum, reset, mask, initial, **kw):
+def _by_document(q, k, v, theta, eta, alpha, weights, momentum, reset, mask, initial, forget_to=None, **kw):
     B, H, T, D = q.shape
     y = q.new_zeros(B, H, T, D)
     W_out, S_out = [], []
@@ -109,7 +116,8 @@ def _by_document(q, k, v, theta, eta, alpha, weights, momentum, reset, mask, ini
             if is_reset:
                 W, S = tuple(w0[r : r + 1] for w0 in initial), tuple(torch.zeros_like(s) for s in S)
             pick = lambda x: x[r : r + 1, :, idx]  # noqa: E731
-            y_doc, W, S = memory_update_reference(*map(pick, (q, k, v, theta, eta, alpha)), W, S, **kw)
+            target = None if forget_to is None else tuple(w[r : r + 1] for w in forget_to)
+            y_doc, W, S = memory_update_reference(*map(pick, (q, k, v, theta, eta, alpha)), W, S, forget_to=target, **kw)
             y[r, :, idx] = y_doc[0]
         W_out.append(W)
         S_out.append(S)
