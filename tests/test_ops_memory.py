@@ -145,22 +145,25 @@ def test_ln_eps_matches_reference(residual, impl):
 # ---- forget_to: the gate decays towards given weights (W_0) instead of zero ---------------------------------------
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("chunk_size", [1, 4, 16], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("n_layers", [1, 2, 3], ids=lambda n: f"L{n}")
 @pytest.mark.parametrize("residual,layer_norm", FORMS[:2], ids=FORM_IDS[:2])
-def test_forget_to_matches_reference(chunk_size, n_layers, residual, layer_norm):
-    compare(37, chunk_size, n_layers, residual, layer_norm, forget_to=True)
+def test_forget_to_matches_reference(chunk_size, n_layers, residual, layer_norm, impl):
+    compare(37, chunk_size, n_layers, residual, layer_norm, forget_to=True, impl=impl)
 
 
-@pytest.mark.parametrize("extra", [dict(channel_alpha=True), dict(per_layer_theta=True), dict(ln_eps=0.1)],
-                         ids=["channel", "per_layer_theta", "eps0.1"])
+@pytest.mark.parametrize("extra", [dict(channel_alpha=True), dict(per_layer_theta=True), dict(ln_eps=0.1),
+                                   dict(per_layer_theta=True, ln_eps=0.1, impl="cpu"),
+                                   dict(batch_heads=(3, 1), impl="cpu")],
+                         ids=["channel", "per_layer_theta", "eps0.1", "cpu-per_layer_theta-eps0.1", "cpu-3x1"])
 def test_forget_to_with_the_other_options(extra):
     compare(37, 4, 2, True, True, forget_to=True, **extra)
 
 
 def test_forget_to_definition_and_kernels():
     """Written out for the linear memory at chunk 1: W_t = (1 - alpha_t) W_{t-1} + alpha_t W_target + S_t; zero
-    targets are the paper's form; the hand-written kernels refuse it by name."""
+    targets are the paper's form; a target shaped unlike the weights is refused."""
     args, _ = make_inputs(9, 1)
     q, k, v, theta, eta, alpha, W, S = (a.detach() if torch.is_tensor(a) else tuple(x.detach() for x in a) for a in args)
     target = (torch.randn(W[0].shape, dtype=W[0].dtype, generator=torch.Generator().manual_seed(2)),)
@@ -179,9 +182,6 @@ def test_forget_to_definition_and_kernels():
     plain = memory_update(q, k, v, theta, eta, alpha, W, S, **kw)
     for a, b in zip(zero, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    for impl in ("cpu", "triton"):
-        with pytest.raises(ValueError, match="forget_to"):
-            memory_update(q, k, v, theta, eta, alpha, W, S, forget_to=target, impl=impl, **kw)
     with pytest.raises(ValueError, match="forget_to shapes"):
         memory_update(q, k, v, theta, eta, alpha, W, S, forget_to=(target[0][:, :, :1],), **kw)
 

@@ -118,11 +118,12 @@ def test_bad_reset_names_the_argument():
         memory_update(*args, reset=torch.zeros(B, T, dtype=torch.bool), initial=(args[6][0], args[6][0]))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("chunk_size", [4, 16], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("case", ["mid-chunk", "many-short"])
-def test_documents_forgetting_to_the_initial_weights(case, chunk_size):
+def test_documents_forgetting_to_the_initial_weights(case, chunk_size, impl):
     """Packed documents with the gate decaying to W_0 (the layer's `forget_target="initial"`): padding and the
     chunks without a real token leave the state alone, and the gradient of W_0 sums its two roles."""
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, 20:23] = False
-    compare(starts(*CASES[case]), mask, chunk_size, "autograd", forget_to=True)
+    compare(starts(*CASES[case]), mask, chunk_size, impl, forget_to=True)

@@ -62,6 +62,13 @@ def test_triton_ln_eps():
 
 
 @interpreted
+@pytest.mark.parametrize("n_layers", [1, 2, 3], ids=lambda n: f"L{n}")
+def test_triton_forget_to(n_layers):
+    """The decay target (forget_to): query reads, chunk-end state and its own gradient, through both kernels."""
+    compare(21, 4, n_layers, True, True, impl="triton", batch_heads=BH, forget_to=True)
+
+
+@interpreted
 @pytest.mark.parametrize("segment", [1, 4], ids=["segment1", "segment4-of-6"])
 def test_triton_checkpoint_segments(segment, monkeypatch):
     """The backward recomputes anchors from one stored state per segment of chunks: a segment of one chunk, and one
@@ -119,19 +126,26 @@ def test_triton_refuses_what_it_does_not_run():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_layers,chunk_size", [(2, 16), (1, 32)], ids=["L2-chunk16", "L1-chunk32"])
-def test_triton_gpu_matches_reference(n_layers, chunk_size):
+@pytest.mark.parametrize("n_layers,chunk_size,forget_to", [(2, 16, False), (1, 32, False), (2, 16, True)],
+                         ids=["L2-chunk16", "L1-chunk32", "L2-chunk16-forget_to"])
+def test_triton_gpu_matches_reference(n_layers, chunk_size, forget_to):
     """The compiled kernels on the GPU (exact fp32 matmuls: TF32 off) against the float64 reference on the CPU."""
     args, leaves = make_inputs(100, n_layers)
     dev = [a.detach().cuda().float() if torch.is_tensor(a) else tuple(x.detach().cuda().float() for x in a)
            for a in args]
     leaves_gpu = [a.requires_grad_() for a in dev[:6]] + [w.requires_grad_() for w in dev[6]] + [
         s.requires_grad_() for s in dev[7]]
-    ref = run_with_grads(memory_update_reference, args, leaves, chunk_size=chunk_size)
+    kw_ref, kw_gpu = {}, {}
+    if forget_to:  # decay towards other weights than the state's, with their own gradient
+        target = tuple((0.5 * w.detach()).requires_grad_() for w in args[6])
+        kw_ref["forget_to"], leaves = target, [*leaves, *target]
+        kw_gpu["forget_to"] = tuple(t.detach().cuda().float().requires_grad_() for t in target)
+        leaves_gpu = [*leaves_gpu, *kw_gpu["forget_to"]]
+    ref = run_with_grads(memory_update_reference, args, leaves, chunk_size=chunk_size, **kw_ref)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        fast = run_with_grads(memory_update, dev, leaves_gpu, chunk_size=chunk_size, impl="triton")
+        fast = run_with_grads(memory_update, dev, leaves_gpu, chunk_size=chunk_size, impl="triton", **kw_gpu)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.testing.assert_close(fast[0].cpu().double(), ref[0], rtol=1e-4, atol=1e-5)

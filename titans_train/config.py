@@ -98,7 +98,7 @@ class MemoryConfig:
     S_t) or `initial` (the learned W_0: M_t = (1 - alpha_t) M_(t-1) + alpha_t W_0 + S_t). With `zero` a long stream
     can forget a bias-free memory MLP all the way to zero, where the inner gradient of each layer (a product with the
     others' weights) vanishes and the memory stays empty; `initial` forgets back to the prior the outer loop learnt.
-    `initial` runs the memory op's autograd step (the CPU and Triton kernels have no decay target yet)."""
+    Both run on every implementation of the memory op at the same speed."""
     compile: bool = False
     """Run the memory op's per-chunk autograd step through torch.compile (fewer kernels on GPU; compiles once per
     process and shape, tens of seconds). On CPU leave it off: the default there is the op's C++ kernel, 2.2x faster

@@ -104,8 +104,7 @@ def memory_update(
         forget_to: L tensors shaped like `weights`, or None (the paper's form: the gate decays towards zero). The
             gate decays towards them instead: W_t = (1 - alpha_t) W_{t-1} + alpha_t forget_to + S_t, so that a
             long stream forgets back to them (e.g. the learned W_0) rather than to the all-zero MLP, from which the
-            inner gradient of a bias-free MLP cannot grow it again. Runs the autograd step ("auto" picks it; "cpu"
-            and "triton" raise ValueError); gradients reach them.
+            inner gradient of a bias-free MLP cannot grow it again. Every implementation; gradients reach them.
 
     Returns:
         y: (B, H, T, D), retrieval of each token after its own update, in q's dtype.

@@ -36,7 +36,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from . import cpu as cpu_kernel
-from .cpu import CpuChunkedMemory
+from .cpu import CpuChunkedMemory, pack_target
 
 LN_EPS = 1e-5
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -293,16 +293,17 @@ def memory_update_chunked(
     W = [w.reshape(BH, *w.shape[2:]) for w in weights]  # (BH, in, out)
     S = [s.reshape(BH, *s.shape[2:]) for s in momentum]
 
-    path = choose_impl(impl, compile, b, q, channel_alpha=channel, dims=[D] + [w.shape[-1] for w in weights],
-                       forget_to=forget_to is not None)
+    path = choose_impl(impl, compile, b, q, channel_alpha=channel, dims=[D] + [w.shape[-1] for w in weights])
     if path in ("cpu", "triton"):  # the hand-written backwards take the coefficients stacked
         BF = torch.stack([c["Bc"], c["F"]], dim=-2)  # (BH, N, 2, b)
         E3 = torch.stack([end["Bc"], end["P"], end["F"]], dim=-1)  # (BH, N, 3)
         GS = torch.stack([G_end, S_end], dim=-2)  # (BH, N, L, 2, b)
         # same inputs and outputs, (batch, head)-major
+        target = pack_target(None if forget_to is None else [w.reshape(BH, -1) for w in forget_to], q)
         fn = CpuChunkedMemory if path == "cpu" else _triton().TritonChunkedMemory
         out, *state = fn.apply(residual, layer_norm, ln_eps, qc.contiguous(), kc.contiguous(), vc.contiguous(), BF,
-                               c["G"].contiguous(), E3, GS, *(w.contiguous() for w in W), *(s.contiguous() for s in S))
+                               c["G"].contiguous(), E3, GS, target, *(w.contiguous() for w in W),
+                               *(s.contiguous() for s in S))
         return _finish(out, qc, state[:L], state[L:], B, H, T, D, residual, layer_norm, ln_eps)
 
     # unbind once: indexing chunk n inside the loop would make every backward step allocate a full-size gradient.
@@ -369,13 +370,12 @@ def _triton_error(q: Tensor, dims, chunk: int) -> str | None:
     return None
 
 
-def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: bool = False, dims=(),
-                forget_to: bool = False) -> str:
+def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: bool = False, dims=()) -> str:
     """Which implementation runs: "cpu" (the compiled CPU kernel, cpu.py), "triton" (triton_kernel.py) or "autograd"
     (the per-chunk step under autograd, compiled when compile=True).
 
-    "auto" takes the CPU kernel for float32/float64 CPU tensors with scalar (per-head) alpha and no `forget_to` when
-    it builds on this machine and compile=False, the Triton kernels for CUDA tensors with scalar alpha and compile=False when triton
+    "auto" takes the CPU kernel for float32/float64 CPU tensors with scalar (per-head) alpha when it builds on this
+    machine and compile=False, the Triton kernels for CUDA tensors with scalar alpha and compile=False when triton
     imports and supports the memory's widths (`dims`: D, hidden..., D) and chunk size, else the autograd step. An explicit choice
     that cannot run raises a ValueError (or a RuntimeError saying why the CPU kernel did not build)."""
     if impl not in IMPLS:
@@ -383,10 +383,6 @@ def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: 
     if channel_alpha and impl in ("cpu", "triton"):  # scalar decay coefficients only
         raise ValueError(f"impl={impl!r} does not support channel-wise alpha (alpha of shape (B, H, T, D)); "
                          "use impl='autograd' or 'auto'")
-    if forget_to and impl in ("cpu", "triton"):  # the hand-written backwards have no decay target
-        raise ValueError(f"impl={impl!r} does not support forget_to (decay towards given weights); "
-                         "use impl='autograd' or 'auto'")
-    kernels_apply = not (channel_alpha or forget_to)  # else "auto" takes the autograd step
     kernel_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
     if impl == "cpu":
         if not kernel_ok:
@@ -400,9 +396,9 @@ def choose_impl(impl: str, compile: bool, chunk: int, q: Tensor, channel_alpha: 
             raise ValueError(why)
         return "triton"
     if impl == "auto":
-        if kernel_ok and kernels_apply and not compile and cpu_kernel.available():
+        if kernel_ok and not channel_alpha and not compile and cpu_kernel.available():
             return "cpu"
-        if q.is_cuda and kernels_apply and not compile and _triton_error(q, dims, chunk) is None:
+        if q.is_cuda and not channel_alpha and not compile and _triton_error(q, dims, chunk) is None:
             return "triton"
         return "autograd"
     return impl

@@ -85,28 +85,29 @@ def build_error() -> str | None:
 class CpuChunkedMemory(torch.autograd.Function):
     """Inputs ((batch * heads)-major, N chunks of b tokens): q, k, v (BH, N, b, D); BF (BH, N, 2, b) rows
     [Bc_i; F_i]; G (BH, N, L, b, b); E3 (BH, N, 3) chunk-end [Bc_e, P_e, F_e]; GS (BH, N, L, 2, b) chunk-end rows
-    [G[b-1, j]; Deta[b-1, j] theta_j]; state W_1..W_L, S_1..S_L (BH, in, out). Returns the queries' last-layer
-    pre-norm outputs (BH, N, b, D) and the final W_1..W_L, S_1..S_L. Not twice differentiable."""
+    [G[b-1, j]; Deta[b-1, j] theta_j]; target: the weights the gate decays towards (BH, sum_l in_l out_l, per layer
+    flattened; `pack_target`), or an empty tensor for zero; state W_1..W_L, S_1..S_L (BH, in, out). Returns the
+    queries' last-layer pre-norm outputs (BH, N, b, D) and the final W_1..W_L, S_1..S_L. Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, residual: bool, layer_norm: bool, ln_eps: float, q, k, v, BF, G, E3, GS, *state):
+    def forward(ctx, residual: bool, layer_norm: bool, ln_eps: float, q, k, v, BF, G, E3, GS, target, *state):
         mod = _load()
         L = len(state) // 2
         dims = [q.shape[-1]] + [w.shape[-1] for w in state[:L]]
         flat = _pack(state[:L], state[L:])
         save = any(ctx.needs_input_grad)
-        out, final, ckpt = mod.forward(q, k, v, BF, G, E3, GS, flat, dims, SEGMENT, residual, layer_norm, ln_eps,
-                                       save)
+        out, final, ckpt = mod.forward(q, k, v, BF, G, E3, GS, flat, target, dims, SEGMENT, residual, layer_norm,
+                                       ln_eps, save)
         ctx.residual, ctx.layer_norm, ctx.ln_eps = residual, layer_norm, ln_eps
         ctx.dims, ctx.segment = dims, SEGMENT  # ckpt layout
-        ctx.save_for_backward(q, k, v, BF, G, E3, GS, ckpt)
+        ctx.save_for_backward(q, k, v, BF, G, E3, GS, target, ckpt)
         W, S = _unpack(final, dims)
         return (out, *W, *S)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, *dfinal):
-        q, k, v, BF, G, E3, GS, ckpt = ctx.saved_tensors
+        q, k, v, BF, G, E3, GS, target, ckpt = ctx.saved_tensors
         dims = ctx.dims
         L = len(dims) - 1
         BH = q.shape[0]
@@ -115,12 +116,19 @@ class CpuChunkedMemory(torch.autograd.Function):
         shapes = [(BH, dims[l], dims[l + 1]) for l in range(L)]
         dW = [d if d is not None else q.new_zeros(s) for d, s in zip(dfinal[:L], shapes)]
         dS = [d if d is not None else q.new_zeros(s) for d, s in zip(dfinal[L:], shapes)]
-        dq, dk, dv, dBF, dG, dE3, dGS, dstate = _load().backward(
-            q, k, v, BF, G, E3, GS, ckpt, dout.contiguous(), _pack(dW, dS), dims, ctx.segment, ctx.residual,
+        dq, dk, dv, dBF, dG, dE3, dGS, dstate, dtarget = _load().backward(
+            q, k, v, BF, G, E3, GS, target, ckpt, dout.contiguous(), _pack(dW, dS), dims, ctx.segment, ctx.residual,
             ctx.layer_norm, ctx.ln_eps,
         )
         dW0, dS0 = _unpack(dstate, dims)
-        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
+        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, dtarget if target.numel() else None, *dW0, *dS0)
+
+
+def pack_target(target, like: Tensor) -> Tensor:
+    """The decay target W_1..W_L (BH, in, out) -> (BH, sum_l in out) for the kernel; None -> an empty tensor."""
+    if target is None:
+        return like.new_empty(0)
+    return torch.cat([w.reshape(w.shape[0], -1) for w in target], dim=1).contiguous()
 
 
 def _pack(W, S) -> Tensor:

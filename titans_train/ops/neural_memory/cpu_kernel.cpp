@@ -10,7 +10,9 @@
 // Layouts (row-major, contiguous, BH = batch * heads, N chunks of b tokens):
 //   q, k, v: (BH, N, b, D); BF: (BH, N, 2, b) rows [Bc_i; F_i]; G: (BH, N, L, b, b);
 //   E3: (BH, N, 3) chunk-end [Bc_e, P_e, F_e]; GS: (BH, N, L, 2, b) chunk-end rows [G[b-1, j]; Deta[b-1, j] theta_j];
-//   state: (BH, sum_l 2 * in_l * out_l), per layer [W_l; S_l].
+//   state: (BH, sum_l 2 * in_l * out_l), per layer [W_l; S_l];
+//   target: (BH, sum_l in_l * out_l), per layer the weights the gate decays towards (forget_to), or empty for zero:
+//   then W_i = Bc_i W + (1 - Bc_i) target + ... inside a chunk and W' = Bc_e W + (1 - Bc_e) target + ... at its end.
 // Output: the queries' last-layer pre-norm outputs (BH, N, b, D) and the final state.
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
@@ -214,9 +216,11 @@ struct Problem {
   double ln_eps;  // the LayerNorm's epsilon
   std::vector<int> din, dout;
   std::vector<int64_t> off;  // offset of layer l's [W; S] inside a state
-  int64_t state_size;
-  // per-item pointers (set by item())
-  const T *q, *k, *v, *BF, *G, *E3, *GS;
+  std::vector<int64_t> toff;  // offset of layer l inside a target
+  int64_t state_size, target_size;
+  bool has_target;
+  // per-item pointers (set by item()); tgt is nullptr without a target
+  const T *q, *k, *v, *BF, *G, *E3, *GS, *tgt;
 };
 
 // Scratch of one segment of K chunks: anchors and every intermediate the backward needs.
@@ -323,6 +327,11 @@ void chunk_forward(const Problem<T>& p, Segment<T>& s, int n, int j, const T* st
         hh[i * 2 * di + di + c] = Fr[i] * h[i * di + c];
       }
     mm<T>(false, false, b, dl, 2 * di, T(1), hh, WS, T(0), z);
+    if (p.tgt) {  // + ((1 - Bc) * X) target
+      for (int i = 0; i < b; i++)
+        for (int c = 0; c < di; c++) hh[i * di + c] = (T(1) - Bc[i]) * h[i * di + c];
+      mm<T>(false, false, b, dl, di, T(1), hh, p.tgt + p.toff[l], T(1), z);
+    }
     mm<T>(false, true, b, b, di, T(1), h, s.act(j, l), T(0), hA);
     T* sc = tmp.data();
     for (int t = 0; t < b * b; t++) sc[t] = hA[t] * Gl[t];
@@ -345,6 +354,10 @@ void chunk_forward(const Problem<T>& p, Segment<T>& s, int n, int j, const T* st
     for (int64_t t = 0; t < io; t++) {
       Wn[t] = Bce * W[t] + Fe * S[t];
       Sn[t] = Pe * S[t];
+    }
+    if (p.tgt) {
+      const T* tg = p.tgt + p.toff[l];
+      for (int64_t t = 0; t < io; t++) Wn[t] += (T(1) - Bce) * tg[t];
     }
     const T* GSl = p.GS + (((int64_t)n * L + l) * 2) * b;
     const T* dlt = s.delta(j, l);
@@ -369,14 +382,19 @@ Problem<T> make_problem(const at::Tensor& q, const std::vector<int64_t>& dims, b
   p.residual = residual;
   p.layer_norm = layer_norm;
   p.ln_eps = ln_eps;
-  int64_t o = 0;
+  int64_t o = 0, to = 0;
   for (int l = 0; l < p.L; l++) {
     p.din.push_back(dims[l]);
     p.dout.push_back(dims[l + 1]);
     p.off.push_back(o);
+    p.toff.push_back(to);
     o += 2 * dims[l] * dims[l + 1];
+    to += dims[l] * dims[l + 1];
   }
   p.state_size = o;
+  p.target_size = to;
+  p.has_target = false;
+  p.tgt = nullptr;
   return p;
 }
 
@@ -393,15 +411,25 @@ void set_item(Problem<T>& p, int64_t bh, const at::Tensor& q, const at::Tensor& 
   p.GS = GS.data_ptr<T>() + bh * p.N * p.L * 2 * p.b;
 }
 
+// The item's decay target (nullptr when the problem has none).
+template <typename T>
+void set_target(Problem<T>& p, int64_t bh, const at::Tensor& target) {
+  p.tgt = p.has_target ? target.data_ptr<T>() + bh * p.target_size : nullptr;
+}
+
 int64_t max_dim(const std::vector<int64_t>& dims) { return *std::max_element(dims.begin(), dims.end()); }
 
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& BF, const at::Tensor& G, const at::Tensor& E3,
-                                     const at::Tensor& GS, const at::Tensor& state, const std::vector<int64_t>& dims,
-                                     int64_t K, bool residual, bool layer_norm, double ln_eps, bool save) {
+                                     const at::Tensor& GS, const at::Tensor& state, const at::Tensor& target,
+                                     const std::vector<int64_t>& dims, int64_t K, bool residual, bool layer_norm,
+                                     double ln_eps, bool save) {
   const int64_t BH = q.size(0);
   Problem<T> proto = make_problem<T>(q, dims, residual, layer_norm, ln_eps);
+  proto.has_target = target.numel() > 0;
+  TORCH_CHECK(!proto.has_target || target.numel() == BH * proto.target_size,
+              "titans memory CPU kernel: target must be (BH, sum_l in_l * out_l)");
   const int N = proto.N;
   K = std::min<int64_t>(K, N);
   const int64_t n_seg = (N + K - 1) / K;
@@ -417,6 +445,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     Buf<T> tmp(tmp_size);
     for (int64_t bh = lo; bh < hi; bh++) {
       set_item(p, bh, q, k, v, BF, G, E3, GS);
+      set_target(p, bh, target);
       T *cur = s.state(0), *nxt = s.state(1);
       std::memcpy(cur, state.data_ptr<T>() + bh * p.state_size, sizeof(T) * p.state_size);
       T* ck = save ? ckpt.data_ptr<T>() + bh * n_seg * p.state_size : nullptr;
@@ -435,11 +464,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& BF, const at::Tensor& G, const at::Tensor& E3,
-                                      const at::Tensor& GS, const at::Tensor& ckpt, const at::Tensor& dout,
-                                      const at::Tensor& dfinal, const std::vector<int64_t>& dims, int64_t K,
-                                      bool residual, bool layer_norm, double ln_eps) {
+                                      const at::Tensor& GS, const at::Tensor& target, const at::Tensor& ckpt,
+                                      const at::Tensor& dout, const at::Tensor& dfinal,
+                                      const std::vector<int64_t>& dims, int64_t K, bool residual, bool layer_norm,
+                                      double ln_eps) {
   const int64_t BH = q.size(0);
   Problem<T> proto = make_problem<T>(q, dims, residual, layer_norm, ln_eps);
+  proto.has_target = target.numel() > 0;
   const int N = proto.N, b = proto.b, D = proto.D, L = proto.L;
   K = std::min<int64_t>(K, N);
   const int64_t n_seg = (N + K - 1) / K;
@@ -447,6 +478,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   at::Tensor dBF = at::empty_like(BF), dG = at::empty_like(G), dGS = at::empty_like(GS);
   at::Tensor dE3 = at::empty_like(E3);
   at::Tensor dstate = at::empty_like(dfinal);
+  at::Tensor dtarget = at::zeros_like(target);  // summed over every chunk of the item
   const int64_t md = std::max<int64_t>(max_dim(dims), b);
   at::parallel_for(0, BH, 1, [&](int64_t lo, int64_t hi) {
     Problem<T> p = proto;
@@ -461,6 +493,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     Buf<T> dzl(b * md), dzl2(b * md), LH(3 * b * md), RH(3 * b * md), UU(2 * b * md);
     for (int64_t bh = lo; bh < hi; bh++) {
       set_item(p, bh, q, k, v, BF, G, E3, GS);
+      set_target(p, bh, target);
+      T* dT = p.tgt ? dtarget.data_ptr<T>() + bh * p.target_size : nullptr;
       const T* ck = ckpt.data_ptr<T>() + bh * n_seg * p.state_size;
       const T* dO = dout.data_ptr<T>() + bh * (int64_t)N * b * D;
       T* dQ = dq.data_ptr<T>() + bh * (int64_t)N * b * D;
@@ -506,6 +540,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
               dBFn[i] += dot(h + i * di, uw, di);
               dBFn[b + i] += dot(h + i * di, us, di);
               for (int c = 0; c < di; c++) dh[i * di + c] = Bc[i] * uw[c] + Fr[i] * us[c];
+            }
+            if (p.tgt) {  // z += ((1 - Bc) * h) target: U_T = dz target^T (b x in)
+              const T* tg = p.tgt + p.toff[l];
+              T* UT = M.data();
+              mm<T>(false, true, b, di, dl, T(1), dz.data(), tg, T(0), UT);
+              for (int i = 0; i < b; i++) {
+                dBFn[i] -= dot(h + i * di, UT + i * di, di);
+                for (int c = 0; c < di; c++) dh[i * di + c] += (T(1) - Bc[i]) * UT[i * di + c];
+              }
+              T* hc = UT;  // dtarget += ((1 - Bc) * h)^T dz
+              for (int i = 0; i < b; i++)
+                for (int c = 0; c < di; c++) hc[i * di + c] = (T(1) - Bc[i]) * h[i * di + c];
+              mm<T>(true, false, di, dl, b, T(1), hc, dz.data(), T(1), dT + p.toff[l]);
             }
             mm<T>(false, true, b, b, dl, T(-1), dz.data(), dlt, T(0), dsc.data());
             for (int t = 0; t < b * b; t++) scG[t] = hA[t] * Gl[t];
@@ -603,6 +650,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             T* NS = NW + io;
             // one pass over the state: the carry's decay and the coefficients' gradients <W, dW'>, <S, dS'>, <S, dW'>
             carry_pass<T>(W, W + io, CW, CS, NW, NS, io, Bce, Pe, Fe, eWW, eSS, eSW);
+            if (p.tgt) {  // W' += (1 - Bc_e) target: dBc_e -= <target, dW'>, dtarget += (1 - Bc_e) dW'
+              const T* tg = p.tgt + p.toff[l];
+              T* dTl = dT + p.toff[l];
+              eWW -= dot(tg, CW, io);
+              for (int64_t t = 0; t < io; t++) dTl[t] += (T(1) - Bce) * CW[t];
+            }
             // the rank-b terms of dW stacked along k: one gemm [a; h; de]^T [dz; X0; delta] instead of three, so
             // that NW (larger than L1) is read and written once
             const int kk = l > 0 ? 3 * b : 2 * b;
@@ -641,7 +694,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       std::memcpy(dstate.data_ptr<T>() + bh * p.state_size, carry.data(), sizeof(T) * p.state_size);
     }
   });
-  return {dq, dk, dv, dBF, dG, dE3, dGS, dstate};
+  return {dq, dk, dv, dBF, dG, dE3, dGS, dstate, dtarget};
 }
 
 void check(const std::vector<at::Tensor>& ts) {
@@ -655,24 +708,27 @@ void check(const std::vector<at::Tensor>& ts) {
 }  // namespace
 
 std::vector<at::Tensor> memory_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor BF, at::Tensor G,
-                                       at::Tensor E3, at::Tensor GS, at::Tensor state, std::vector<int64_t> dims,
-                                       int64_t K, bool residual, bool layer_norm, double ln_eps, bool save) {
-  check({q, k, v, BF, G, E3, GS, state});
+                                       at::Tensor E3, at::Tensor GS, at::Tensor state, at::Tensor target,
+                                       std::vector<int64_t> dims, int64_t K, bool residual, bool layer_norm,
+                                       double ln_eps, bool save) {
+  check({q, k, v, BF, G, E3, GS, state, target});
   if (q.scalar_type() == at::kDouble)
-    return forward_impl<double>(q, k, v, BF, G, E3, GS, state, dims, K, residual, layer_norm, ln_eps, save);
+    return forward_impl<double>(q, k, v, BF, G, E3, GS, state, target, dims, K, residual, layer_norm, ln_eps, save);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "titans memory CPU kernel: float32 or float64 only");
-  return forward_impl<float>(q, k, v, BF, G, E3, GS, state, dims, K, residual, layer_norm, ln_eps, save);
+  return forward_impl<float>(q, k, v, BF, G, E3, GS, state, target, dims, K, residual, layer_norm, ln_eps, save);
 }
 
 std::vector<at::Tensor> memory_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor BF, at::Tensor G,
-                                        at::Tensor E3, at::Tensor GS, at::Tensor ckpt, at::Tensor dout,
-                                        at::Tensor dfinal, std::vector<int64_t> dims, int64_t K, bool residual,
-                                        bool layer_norm, double ln_eps) {
-  check({q, k, v, BF, G, E3, GS, ckpt, dout, dfinal});
+                                        at::Tensor E3, at::Tensor GS, at::Tensor target, at::Tensor ckpt,
+                                        at::Tensor dout, at::Tensor dfinal, std::vector<int64_t> dims, int64_t K,
+                                        bool residual, bool layer_norm, double ln_eps) {
+  check({q, k, v, BF, G, E3, GS, target, ckpt, dout, dfinal});
   if (q.scalar_type() == at::kDouble)
-    return backward_impl<double>(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, K, residual, layer_norm, ln_eps);
+    return backward_impl<double>(q, k, v, BF, G, E3, GS, target, ckpt, dout, dfinal, dims, K, residual, layer_norm,
+                                 ln_eps);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "titans memory CPU kernel: float32 or float64 only");
-  return backward_impl<float>(q, k, v, BF, G, E3, GS, ckpt, dout, dfinal, dims, K, residual, layer_norm, ln_eps);
+  return backward_impl<float>(q, k, v, BF, G, E3, GS, target, ckpt, dout, dfinal, dims, K, residual, layer_norm,
+                              ln_eps);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -195,13 +195,14 @@ def _delta_layer(st, scr, l: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HID
 @triton.jit
 def _query_layer(st, scr, g_ptr, out_ptr, bc, fr, b, l: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
                  HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, SL: tl.constexpr,
-                 KT: tl.constexpr, PREC: tl.constexpr, WRITE_OUT: tl.constexpr):
-    """Every query with its own weights: z = Bc * (h W) + F * (h S) - (G * h a^T) delta."""
+                 KT: tl.constexpr, PREC: tl.constexpr, WRITE_OUT: tl.constexpr, tgt, TGT: tl.constexpr):
+    """Every query with its own weights: z = Bc * (h W) + F * (h S) [+ (1 - Bc) * (h target)] - (G * h a^T) delta."""
     IN: tl.constexpr = D if l == 0 else HID
     OUT: tl.constexpr = D if l == L - 1 else HID
     INP: tl.constexpr = DP if l == 0 else HP
     OUTP: tl.constexpr = DP if l == L - 1 else HP
     OFF: tl.constexpr = 0 if l == 0 else (2 * D * HID if l == 1 else 2 * D * HID + 2 * HID * HID)
+    TOFF: tl.constexpr = 0 if l == 0 else (D * HID if l == 1 else D * HID + HID * HID)  # layer l in a target
     r = tl.arange(0, BB)
     h_ptr = scr + (_H * 3 + l) * SL
     hw = _x_w(h_ptr, st + OFF, IN, OUT, INP, OUTP, BB, KT, PREC)
@@ -211,6 +212,8 @@ def _query_layer(st, scr, g_ptr, out_ptr, bc, fr, b, l: tl.constexpr, L: tl.cons
     ha = _dot(h, tl.trans(a), tl.zeros([BB, BB], dtype=h.dtype), PREC)  # (BB, BB)
     gl = tl.load(g_ptr + l * b * b + r[:, None] * b + r[None, :], mask=(r[:, None] < b) & (r[None, :] < b), other=0.0)
     z = bc[:, None] * hw + fr[:, None] * hs
+    if TGT:
+        z += (1.0 - bc)[:, None] * _x_w(h_ptr, tgt + TOFF, IN, OUT, INP, OUTP, BB, KT, PREC)
     z = z - _dot(ha * gl, _ld(scr + (_DL * 3 + l) * SL, BB, OUTP), tl.zeros([BB, OUTP], dtype=h.dtype), PREC)
     _st(scr + (_HA * 3 + l) * SL, ha, BB, BB)
     _st(scr + (_ZQ * 3 + l) * SL, z, BB, OUTP)
@@ -223,13 +226,15 @@ def _query_layer(st, scr, g_ptr, out_ptr, bc, fr, b, l: tl.constexpr, L: tl.cons
 @triton.jit
 def _update_layer(st, nxt, scr, gs_ptr, bce, pe, fe, b, l: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
                   HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, SL: tl.constexpr,
-                  KT: tl.constexpr, PREC: tl.constexpr):
-    """Chunk-end state: W' = Bc_e W + F_e S - a^T (G_end * delta), S' = P_e S - a^T (S_end * delta), KT rows at once."""
+                  KT: tl.constexpr, PREC: tl.constexpr, tgt, TGT: tl.constexpr):
+    """Chunk-end state: W' = Bc_e W + F_e S [+ (1 - Bc_e) target] - a^T (G_end * delta), S' = P_e S - a^T (S_end *
+    delta), KT rows at once."""
     IN: tl.constexpr = D if l == 0 else HID
     OUT: tl.constexpr = D if l == L - 1 else HID
     INP: tl.constexpr = DP if l == 0 else HP
     OUTP: tl.constexpr = DP if l == L - 1 else HP
     OFF: tl.constexpr = 0 if l == 0 else (2 * D * HID if l == 1 else 2 * D * HID + 2 * HID * HID)
+    TOFF: tl.constexpr = 0 if l == 0 else (D * HID if l == 1 else D * HID + HID * HID)  # layer l in a target
     r = tl.arange(0, BB)
     kk = tl.arange(0, KT)
     co = tl.arange(0, OUTP)
@@ -244,7 +249,10 @@ def _update_layer(st, nxt, scr, gs_ptr, bce, pe, fe, b, l: tl.constexpr, L: tl.c
         idx = rows[:, None] * OUT + co[None, :]
         w = tl.load(st + OFF + idx, mask=m, other=0.0)
         s = tl.load(st + OFF + IN * OUT + idx, mask=m, other=0.0)
-        wn = _dot(-at, m_w, bce * w + fe * s, PREC)
+        base = bce * w + fe * s
+        if TGT:
+            base += (1.0 - bce) * tl.load(tgt + TOFF + rows[:, None] * OUT + co[None, :], mask=m, other=0.0)
+        wn = _dot(-at, m_w, base, PREC)
         sn = _dot(-at, m_s, pe * s, PREC)
         tl.store(nxt + OFF + idx, wn, mask=m)
         tl.store(nxt + OFF + IN * OUT + idx, sn, mask=m)
@@ -255,8 +263,8 @@ def _chunk_forward(q_ptr, k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, nxt, 
                    L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
                    BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr, RES: tl.constexpr, LN: tl.constexpr,
                    QUERY: tl.constexpr, UPDATE: tl.constexpr, WRITE_OUT: tl.constexpr, PREC: tl.constexpr,
-                   EPS: tl.constexpr):
-    """One memory chunk from anchor state `st`: key side (always), query side (QUERY; written to out_ptr when
+                   EPS: tl.constexpr, tgt, TGT: tl.constexpr):
+    """One memory chunk from anchor state `st` (and the item's decay target `tgt` when TGT): key side (always), query side (QUERY; written to out_ptr when
     WRITE_OUT), chunk-end state into `nxt` (UPDATE). Intermediates stay in the scratch for the backward."""
     r = tl.arange(0, BB)
     cd = tl.arange(0, DP)
@@ -301,25 +309,27 @@ def _chunk_forward(q_ptr, k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, nxt, 
         bc = _ld_vec(bf_ptr, b, BB)
         fr = _ld_vec(bf_ptr + b, b, BB)
         for l in tl.static_range(L):
-            _query_layer(st, scr, g_ptr, out_ptr, bc, fr, b, l, L, D, HID, DP, HP, BB, SL, KT, PREC, WRITE_OUT)
+            _query_layer(st, scr, g_ptr, out_ptr, bc, fr, b, l, L, D, HID, DP, HP, BB, SL, KT, PREC, WRITE_OUT, tgt,
+                         TGT)
             tl.debug_barrier()
     if UPDATE:
         bce = tl.load(e3_ptr)
         pe = tl.load(e3_ptr + 1)
         fe = tl.load(e3_ptr + 2)
         for l in tl.static_range(L):
-            _update_layer(st, nxt, scr, gs_ptr, bce, pe, fe, b, l, L, D, HID, DP, HP, BB, SL, KT, PREC)
+            _update_layer(st, nxt, scr, gs_ptr, bce, pe, fe, b, l, L, D, HID, DP, HP, BB, SL, KT, PREC, tgt, TGT)
 
 
 @triton.jit
-def _forward_kernel(q, k, v, bf, g, e3, gs, state0, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS, SCR, K,
-                    L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
+def _forward_kernel(q, k, v, bf, g, e3, gs, state0, target, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS, TS,
+                    SCR, K, L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
                     BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr, RES: tl.constexpr,
-                    LN: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
+                    LN: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr, TGT: tl.constexpr):
     """One program per (batch, head) item: its chunk loop, the state ping-ponging between two buffers."""
     bh = tl.program_id(0).to(tl.int64)
     st0 = stbuf + bh * 2 * SS
     scr = scratch + bh * SCR
+    tgt = target + bh * TS
     _copy(state0 + bh * SS, st0, SS, 1024)
     tl.debug_barrier()
     for n in range(N):
@@ -331,7 +341,7 @@ def _forward_kernel(q, k, v, bf, g, e3, gs, state0, out, final, ckpt, stbuf, scr
         c = bh * N + n
         _chunk_forward(q + c * b * D, k + c * b * D, v + c * b * D, bf + c * 2 * b, g + c * L * b * b, e3 + c * 3,
                        gs + c * L * 2 * b, cur, nxt, scr, out + c * b * D, b, L, D, HID, DP, HP, BB, SL, KT, RES, LN,
-                       True, True, True, PREC, EPS)
+                       True, True, True, PREC, EPS, tgt, TGT)
         tl.debug_barrier()
     _copy(st0 + (N % 2) * SS, final + bh * SS, SS, 1024)
 
@@ -342,7 +352,7 @@ def _forward_kernel(q, k, v, bf, g, e3, gs, state0, out, final, ckpt, stbuf, scr
 @triton.jit
 def _query_layer_bwd(st, scr, g_ptr, dg_ptr, dq_ptr, bc, fr, dz, dbc, dfr, b, l: tl.constexpr, L: tl.constexpr,
                      D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr,
-                     SL: tl.constexpr, KT: tl.constexpr, PREC: tl.constexpr):
+                     SL: tl.constexpr, KT: tl.constexpr, PREC: tl.constexpr, tgt, dtgt, TGT: tl.constexpr):
     """Backward of `_query_layer` given dz = d z_l: d h_l (returned as d z_{l-1}, or written to dq), dG, dBc, dF,
     and the query side's parts of d delta_l (DDQ), d a_l (DAQ), dW_l, dS_l (through X0, X1)."""
     IN: tl.constexpr = D if l == 0 else HID
@@ -350,6 +360,7 @@ def _query_layer_bwd(st, scr, g_ptr, dg_ptr, dq_ptr, bc, fr, dz, dbc, dfr, b, l:
     INP: tl.constexpr = DP if l == 0 else HP
     OUTP: tl.constexpr = DP if l == L - 1 else HP
     OFF: tl.constexpr = 0 if l == 0 else (2 * D * HID if l == 1 else 2 * D * HID + 2 * HID * HID)
+    TOFF: tl.constexpr = 0 if l == 0 else (D * HID if l == 1 else D * HID + HID * HID)  # layer l in a target
     r = tl.arange(0, BB)
     _st(scr + (_X0 * 3 + l) * SL, bc[:, None] * dz, BB, OUTP)
     _st(scr + (_X1 * 3 + l) * SL, fr[:, None] * dz, BB, OUTP)
@@ -361,6 +372,19 @@ def _query_layer_bwd(st, scr, g_ptr, dg_ptr, dq_ptr, bc, fr, dz, dbc, dfr, b, l:
     dbc += tl.sum(h * uw, 1)
     dfr += tl.sum(h * us, 1)
     dh = bc[:, None] * uw + fr[:, None] * us
+    if TGT:  # z += ((1 - Bc) * h) target: dh, dBc, and dtarget += ((1 - Bc) * h)^T dz, KT rows at a time
+        ut = _x_wt(scr + (_DZ * 3 + l) * SL, tgt + TOFF, IN, OUT, INP, OUTP, BB, KT, PREC)
+        dbc -= tl.sum(h * ut, 1)
+        dh += (1.0 - bc)[:, None] * ut
+        kk = tl.arange(0, KT)
+        co = tl.arange(0, OUTP)
+        h_ptr = scr + (_H * 3 + l) * SL
+        for r0 in tl.range(0, INP, KT):
+            rows = r0 + kk
+            m = (rows[:, None] < IN) & (co[None, :] < OUT)
+            idx = TOFF + rows[:, None] * OUT + co[None, :]
+            ht = tl.load(h_ptr + r[None, :] * INP + rows[:, None]) * (1.0 - bc)[None, :]  # (KT, BB)
+            tl.store(dtgt + idx, _dot(ht, dz, tl.load(dtgt + idx, mask=m, other=0.0), PREC), mask=m)
     dlt = _ld(scr + (_DL * 3 + l) * SL, BB, OUTP)
     dsc = -_dot(dz, tl.trans(dlt), tl.zeros([BB, BB], dtype=dz.dtype), PREC)  # d (G * h a^T)
     ha = _ld(scr + (_HA * 3 + l) * SL, BB, BB)
@@ -432,7 +456,8 @@ def _delta_layer_bwd(st, scr, l: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
 @triton.jit
 def _chain_layer_bwd(st, cin, cout, scr, dk_ptr, bce, pe, fe, eww, ess, esw, b, l: tl.constexpr, L: tl.constexpr,
                      D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr,
-                     SL: tl.constexpr, KT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
+                     SL: tl.constexpr, KT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr, tgt, dtgt,
+                     TGT: tl.constexpr):
     """Layer l of the key-side chain backward (CUR = d z_l): the next carry's [dW_l; dS_l] (decayed carry plus the
     rank-b terms of the key side, the delta chain and the query side), the coefficient dot products, and
     d z_{l-1} into CUR (or dk)."""
@@ -441,6 +466,7 @@ def _chain_layer_bwd(st, cin, cout, scr, dk_ptr, bce, pe, fe, eww, ess, esw, b, 
     INP: tl.constexpr = DP if l == 0 else HP
     OUTP: tl.constexpr = DP if l == L - 1 else HP
     OFF: tl.constexpr = 0 if l == 0 else (2 * D * HID if l == 1 else 2 * D * HID + 2 * HID * HID)
+    TOFF: tl.constexpr = 0 if l == 0 else (D * HID if l == 1 else D * HID + HID * HID)  # layer l in a target
     r = tl.arange(0, BB)
     kk = tl.arange(0, KT)
     co = tl.arange(0, OUTP)
@@ -462,6 +488,10 @@ def _chain_layer_bwd(st, cin, cout, scr, dk_ptr, bce, pe, fe, eww, ess, esw, b, 
         eww += tl.sum(tl.sum(w * cw, 1), 0)
         ess += tl.sum(tl.sum(s * cs, 1), 0)
         esw += tl.sum(tl.sum(s * cw, 1), 0)
+        if TGT:  # W' += (1 - Bc_e) target: dBc_e -= <target, dW'>, dtarget += (1 - Bc_e) dW'
+            eww -= tl.sum(tl.sum(tl.load(tgt + TOFF + idx, mask=m, other=0.0) * cw, 1), 0)
+            dt = tl.load(dtgt + TOFF + idx, mask=m, other=0.0)
+            tl.store(dtgt + TOFF + idx, dt + (1.0 - bce) * cw, mask=m)
         at = tl.load(a_ptr + r[None, :] * INP + rows[:, None])  # (KT, BB)
         ht = tl.load(h_ptr + r[None, :] * INP + rows[:, None])
         nw = _dot(at, cur, bce * cw, PREC)
@@ -489,9 +519,10 @@ def _chain_layer_bwd(st, cin, cout, scr, dk_ptr, bce, pe, fe, eww, ess, esw, b, 
 def _chunk_backward(k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, cin, cout, scr, dout_ptr, dq_ptr, dk_ptr,
                     dv_ptr, dbf_ptr, dg_ptr, de3_ptr, dgs_ptr, b, L: tl.constexpr, D: tl.constexpr,
                     HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, SL: tl.constexpr,
-                    KT: tl.constexpr, RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr):
+                    KT: tl.constexpr, RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr, tgt, dtgt,
+                    TGT: tl.constexpr):
     """Backward of one chunk whose forward intermediates are in the scratch; carry cin = d[W'; S'] of its end state,
-    cout = d[W; S] of its anchor."""
+    cout = d[W; S] of its anchor; with TGT, d of the decay target accumulates into dtgt."""
     r = tl.arange(0, BB)
     cd = tl.arange(0, DP)
     col = cd[None, :] < D
@@ -503,7 +534,7 @@ def _chunk_backward(k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, cin, cout, 
     dfr = tl.zeros([BB], dtype=dz.dtype)
     for i in tl.static_range(L):
         dz, dbc, dfr = _query_layer_bwd(st, scr, g_ptr, dg_ptr, dq_ptr, bc, fr, dz, dbc, dfr, b, L - 1 - i, L, D, HID,
-                                        DP, HP, BB, SL, KT, PREC)
+                                        DP, HP, BB, SL, KT, PREC, tgt, dtgt, TGT)
         tl.debug_barrier()
     tl.store(dbf_ptr + r, dbc, mask=r < b)
     tl.store(dbf_ptr + b + r, dfr, mask=r < b)
@@ -548,23 +579,27 @@ def _chunk_backward(k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, cin, cout, 
     esw = eww
     for i in tl.static_range(L):
         eww, ess, esw = _chain_layer_bwd(st, cin, cout, scr, dk_ptr, bce, pe, fe, eww, ess, esw, b, L - 1 - i, L, D,
-                                         HID, DP, HP, BB, SL, KT, RES, PREC)
+                                         HID, DP, HP, BB, SL, KT, RES, PREC, tgt, dtgt, TGT)
+        tl.debug_barrier()
     tl.store(de3_ptr, eww)
     tl.store(de3_ptr + 1, ess)
     tl.store(de3_ptr + 2, esw)
 
 
 @triton.jit
-def _backward_kernel(q, k, v, bf, g, e3, gs, ckpt, dout, dfinal, dq, dk, dv, dbf, dg, de3, dgs, dstate, segst, carry,
-                     scratch, N, b, n_seg, SS, SCR, K, L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
-                     DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr,
-                     RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
+def _backward_kernel(q, k, v, bf, g, e3, gs, target, ckpt, dout, dfinal, dq, dk, dv, dbf, dg, de3, dgs, dstate, dtarget,
+                     segst, carry, scratch, N, b, n_seg, SS, TS, SCR, K, L: tl.constexpr, D: tl.constexpr,
+                     HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, SL: tl.constexpr,
+                     KT: tl.constexpr, RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
+                     TGT: tl.constexpr):
     """One program per item: segments in reverse; each recomputes its anchors from its checkpoint, then runs its
     chunks' backwards in reverse (the chunk's forward recomputed into the scratch first)."""
     bh = tl.program_id(0).to(tl.int64)
     seg = segst + bh * K * SS
     cb = carry + bh * 2 * SS
     scr = scratch + bh * SCR
+    tgt = target + bh * TS
+    dtgt = dtarget + bh * TS  # zeros on entry
     _copy(dfinal + bh * SS, cb, SS, 1024)  # chunk n's carry (d of its end state) sits at parity N - 1 - n
     tl.debug_barrier()
     for sg_i in range(n_seg):
@@ -577,7 +612,7 @@ def _backward_kernel(q, k, v, bf, g, e3, gs, ckpt, dout, dfinal, dq, dk, dv, dbf
             c = bh * N + n0 + j
             _chunk_forward(q + c * b * D, k + c * b * D, v + c * b * D, bf + c * 2 * b, g + c * L * b * b, e3 + c * 3,
                            gs + c * L * 2 * b, seg + j * SS, seg + (j + 1) * SS, scr, dout, b, L, D, HID, DP, HP, BB,
-                           SL, KT, RES, LN, False, True, False, PREC, EPS)
+                           SL, KT, RES, LN, False, True, False, PREC, EPS, tgt, TGT)
             tl.debug_barrier()
         for jj in range(cnt):
             j = cnt - 1 - jj
@@ -586,13 +621,13 @@ def _backward_kernel(q, k, v, bf, g, e3, gs, ckpt, dout, dfinal, dq, dk, dv, dbf
             st = seg + j * SS
             _chunk_forward(q + c * b * D, k + c * b * D, v + c * b * D, bf + c * 2 * b, g + c * L * b * b, e3 + c * 3,
                            gs + c * L * 2 * b, st, st, scr, dout, b, L, D, HID, DP, HP, BB, SL, KT, RES, LN, True,
-                           False, False, PREC, EPS)
+                           False, False, PREC, EPS, tgt, TGT)
             tl.debug_barrier()
             _chunk_backward(k + c * b * D, v + c * b * D, bf + c * 2 * b, g + c * L * b * b, e3 + c * 3,
                             gs + c * L * 2 * b, st, cb + ((N - 1 - n) % 2) * SS, cb + ((N - n) % 2) * SS, scr,
                             dout + c * b * D, dq + c * b * D, dk + c * b * D, dv + c * b * D, dbf + c * 2 * b,
                             dg + c * L * b * b, de3 + c * 3, dgs + c * L * 2 * b, b, L, D, HID, DP, HP, BB, SL, KT,
-                            RES, LN, PREC)
+                            RES, LN, PREC, tgt, dtgt, TGT)
             tl.debug_barrier()
     _copy(cb + (N % 2) * SS, dstate + bh * SS, SS, 1024)
 
@@ -637,11 +672,12 @@ def _meta(q: torch.Tensor, dims, residual: bool, layer_norm: bool, ln_eps: float
 
 class TritonChunkedMemory(torch.autograd.Function):
     """Inputs and outputs as `cpu.CpuChunkedMemory`: q, k, v (BH, N, b, D); BF (BH, N, 2, b); G (BH, N, L, b, b);
-    E3 (BH, N, 3); GS (BH, N, L, 2, b); state W_1..W_L, S_1..S_L (BH, in, out). Returns the queries' last-layer
-    pre-norm outputs (BH, N, b, D) and the final W_1..W_L, S_1..S_L."""
+    E3 (BH, N, 3); GS (BH, N, L, 2, b); target (BH, sum_l in_l out_l) or empty (`cpu.pack_target`); state
+    W_1..W_L, S_1..S_L (BH, in, out). Returns the queries' last-layer pre-norm outputs (BH, N, b, D) and the final
+    W_1..W_L, S_1..S_L."""
 
     @staticmethod
-    def forward(ctx, residual: bool, layer_norm: bool, ln_eps: float, q, k, v, BF, G, E3, GS, *state):
+    def forward(ctx, residual: bool, layer_norm: bool, ln_eps: float, q, k, v, BF, G, E3, GS, target, *state):
         BH, N, b, D = q.shape
         L = len(state) // 2
         dims = [D] + [w.shape[-1] for w in state[:L]]
@@ -657,17 +693,20 @@ class TritonChunkedMemory(torch.autograd.Function):
         ckpt = q.new_empty((BH, n_seg, SS) if save else (1,))
         stbuf = q.new_empty((BH, 2, SS))
         scratch = q.new_zeros((BH, SCR))
-        _forward_kernel[(BH,)](q, k, v, BF, G, E3, GS, flat, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS, SCR,
-                               K, SAVE=save, num_warps=NUM_WARPS, **meta)
+        has_target = target.numel() > 0
+        tgt = target if has_target else flat  # any tensor: not read without TGT
+        _forward_kernel[(BH,)](q, k, v, BF, G, E3, GS, flat, tgt, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS,
+                               tgt.shape[1] if has_target else 0, SCR, K, SAVE=save, TGT=has_target,
+                               num_warps=NUM_WARPS, **meta)
         ctx.meta, ctx.dims, ctx.K = meta, dims, K
-        ctx.save_for_backward(q, k, v, BF, G, E3, GS, ckpt)
+        ctx.save_for_backward(q, k, v, BF, G, E3, GS, target, ckpt)
         W, S = _unpack(final, dims)
         return (out, *W, *S)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, *dfinal):
-        q, k, v, BF, G, E3, GS, ckpt = ctx.saved_tensors
+        q, k, v, BF, G, E3, GS, target, ckpt = ctx.saved_tensors
         meta, dims, K = ctx.meta, ctx.dims, ctx.K
         BH, N, b, D = q.shape
         L = len(dims) - 1
@@ -685,7 +724,11 @@ class TritonChunkedMemory(torch.autograd.Function):
         segst = q.new_empty((BH, K, SS))  # the anchors of one segment
         carry = q.new_empty((BH, 2, SS))
         scratch = q.new_zeros((BH, SCR))
-        _backward_kernel[(BH,)](q, k, v, BF, G, E3, GS, ckpt, dout, dflat, dq, dk, dv, dBF, dG, dE3, dGS, dstate, segst,
-                                carry, scratch, N, b, n_seg, SS, SCR, K, num_warps=NUM_WARPS, **meta)
+        has_target = target.numel() > 0
+        tgt = target if has_target else dflat
+        dtarget = torch.zeros_like(tgt) if has_target else dflat
+        _backward_kernel[(BH,)](q, k, v, BF, G, E3, GS, tgt, ckpt, dout, dflat, dq, dk, dv, dBF, dG, dE3, dGS, dstate,
+                                dtarget, segst, carry, scratch, N, b, n_seg, SS, tgt.shape[1] if has_target else 0, SCR,
+                                K, TGT=has_target, num_warps=NUM_WARPS, **meta)
         dW0, dS0 = _unpack(dstate, dims)
-        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, *dW0, *dS0)
+        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, dtarget if has_target else None, *dW0, *dS0)
