@@ -77,14 +77,14 @@ def test_token_by_token_equals_one_call(channel_alpha):
 
 @pytest.mark.parametrize("kernel", [1, 4])
 def test_causal_conv_matches_conv1d(kernel):
-    """The tap-sum causal conv equals F.conv1d over [tail; proj], forward and backward (float64, 1e-12)."""
+    """The layer's causal conv is SiLU of F.conv1d over [tail; proj], forward and backward (float64, 1e-12)."""
     layer = make_layer(conv_kernel=kernel)
     gen = torch.Generator().manual_seed(1)
     proj = torch.randn(2, 19, 72, dtype=torch.float64, generator=gen, requires_grad=True)
     tail = torch.randn(2, kernel - 1, 72, dtype=torch.float64, generator=gen, requires_grad=True)
     out, new_tail = layer._causal_conv(proj, tail, slice(None))
     seq = torch.cat([tail, proj], dim=1)
-    ref = F.conv1d(seq.transpose(1, 2), layer.conv.weight, groups=72).transpose(1, 2)
+    ref = F.silu(F.conv1d(seq.transpose(1, 2), layer.conv.weight, groups=72).transpose(1, 2))
     assert (out - ref).abs().max() <= 1e-12
     assert torch.equal(new_tail, seq[:, seq.shape[1] - (kernel - 1):])
     grad = torch.randn_like(out)
@@ -103,7 +103,7 @@ def test_layer_matches_reference_op(channel_alpha, forget_target):
     out, _ = layer(x)
     # Recompute projections as the layer does and run the token-loop reference.
     qkv, _ = layer._causal_conv(layer.qkv(x), layer.init_state(2).conv_tail, slice(None))
-    q, k, v = (layer._heads(t) for t in F.silu(qkv).split(24, dim=-1))
+    q, k, v = (layer._heads(t) for t in qkv.split(24, dim=-1))  # the conv's output is after its SiLU
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     v = v / v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # value_norm: unit RMS per head
     theta, eta, alpha = layer._rates(x)
@@ -143,7 +143,7 @@ def test_retrieve_reads_current_weights_without_writing(channel_alpha):
     # and it is memory_apply with the current weights
     proj = F.linear(probe, layer.qkv.weight[:24])
     q, _ = layer._causal_conv(proj, state.query_tail, slice(0, 24))
-    q = F.normalize(layer._heads(F.silu(q)), dim=-1)
+    q = F.normalize(layer._heads(q), dim=-1)
     expect = layer._output(memory_apply(q, w_now, ln_eps=layer.ln_eps), probe)
     assert (expect - h).abs().max() <= TOL
 

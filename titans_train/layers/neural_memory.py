@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import memory_apply, memory_update
+from ..ops.causal_conv import causal_conv_silu
 from .state import StateMixin
 
 
@@ -271,26 +272,22 @@ class NeuralMemory(nn.Module):
 
     def _causal_conv(self, proj: Tensor, tail: Tensor, channels: slice,
                      reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Depthwise causal conv over time with the previous call's tail. proj: (B, T, C) -> (B, T, C).
+        """SiLU of a depthwise causal conv over time with the previous call's tail. proj: (B, T, C) -> (B, T, C).
 
         With `reset` (B, T) bool (document starts), a token sees zeros before its document's first token (a tap j
         tokens back counts only if no document starts in between), and the tail keeps zeros before the last start.
+        The taps as one fused CPU kernel (or shifted multiply-adds), not F.conv1d: oneDNN's depthwise conv backward
+        took 17% of a MAG training step at T = 2048 (`titans_train.ops.causal_conv`).
         """
         seq = torch.cat([tail, proj], dim=1)  # (B, K - 1 + T, C)
-        # The K taps as shifted multiply-adds, not F.conv1d: oneDNN's depthwise conv backward took 17% of a MAG
-        # training step at T = 2048 (55 ms per layer, against ~5 ms for these), and the taps take the reset mask.
         weight = self.conv.weight[channels, 0].t()  # (K, C); row K - 1 is the current token's tap
         K, T = self.conv_kernel, proj.shape[1]
+        since = start = None
         if reset is not None:
             t = torch.arange(T, device=proj.device)
             start = torch.cummax(torch.where(reset, t, -K), dim=1).values  # (B, T) the last document start <= t
             since = t - start  # tokens since it (>= K where none in this call)
-        out = seq[:, K - 1:] * weight[K - 1]
-        for j in range(1, K):  # tap j tokens back
-            tap = seq[:, K - 1 - j : K - 1 - j + T]
-            if reset is not None:
-                tap = tap * (since >= j)[..., None]
-            out = torch.addcmul(out, tap, weight[K - 1 - j])
+        out = causal_conv_silu(seq, weight, since)
         if reset is None:
             return out, seq[:, seq.shape[1] - (K - 1):]
         tail_pos = torch.arange(T - (K - 1), T, device=proj.device)  # positions of the new tail (< 0: old tail)
@@ -333,7 +330,7 @@ class NeuralMemory(nn.Module):
             reset = None
         inner = self.heads * self.head_dim
         qkv, conv_tail = self._causal_conv(self.qkv(x), state.conv_tail.to(x.dtype), slice(None), reset)
-        q, k, v = (self._heads(t) for t in F.silu(qkv).split(inner, dim=-1))  # (B, H, T, D) each
+        q, k, v = (self._heads(t) for t in qkv.split(inner, dim=-1))  # (B, H, T, D) each, after the conv's SiLU
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if self.value_norm:  # targets on the scale of M(k) = k + LN(f(k)): unit RMS per element
             v = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
@@ -428,7 +425,7 @@ class NeuralMemory(nn.Module):
         inner = self.heads * self.head_dim
         proj = F.linear(x, self.qkv.weight[:inner])
         q, query_tail = self._causal_conv(proj, state.query_tail.to(x.dtype), slice(0, inner), reset)
-        q = F.normalize(self._heads(F.silu(q)), dim=-1)
+        q = F.normalize(self._heads(q), dim=-1)
         weights = self.current_weights(state)
         q = q.to(weights[0].dtype)
         y = memory_apply(q, weights, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps)

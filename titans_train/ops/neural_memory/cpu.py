@@ -13,63 +13,22 @@ when the build fails the op falls back to the Python paths and `build_error()` s
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import sys
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-_SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-_LOCK = threading.Lock()
-_MODULE = None
-_ERROR: str | None = None
+from ..cpu_extension import Extension
+
+_KERNEL = Extension("titans_memory_cpu", Path(__file__).with_name("cpu_kernel.cpp"), "the memory op's CPU kernel")
 
 # Chunks per checkpoint segment of the backward (anchors recomputed from one stored state per segment).
 SEGMENT = 8
 
 
 def _load():
-    global _MODULE, _ERROR
-    if _MODULE is not None or _ERROR is not None:
-        return _MODULE
-    with _LOCK:
-        if _MODULE is not None or _ERROR is not None:
-            return _MODULE
-        if os.environ.get("TITANS_CPU_KERNEL", "1") in ("0", "false", "False"):
-            _ERROR = "disabled by TITANS_CPU_KERNEL=0"
-            return None
-        try:
-            from torch.utils.cpp_extension import _get_build_directory, load
-
-            # -march=native: the build is per machine; the name carries the CPU so that a shared cache directory
-            # (e.g. a home directory on a cluster of mixed nodes) never hands one machine another's binary, and the
-            # source's hash so that two checkouts of different versions never rebuild (or wait on) each other's.
-            tag = "".join(ch for ch in (platform.processor() or platform.machine()) if ch.isalnum())[:24]
-            digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
-            name = f"titans_memory_cpu_{tag}_{digest}"
-            if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-                print(f"titans-train: compiling the memory op's CPU kernel (first use on this machine, ~30 s; "
-                      f"cached after)", file=sys.stderr, flush=True)
-            _MODULE = load(
-                name=name,
-                sources=[str(_SOURCE)],
-                # -fopenmp: at::parallel_for is a header template; without it the loop over (batch, head) items
-                # runs on one thread (and MKL threads every tiny matmul instead, slower still).
-                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as e:  # no compiler, no ninja, unsupported platform: the Python paths still work
-            _ERROR = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            warnings.warn(f"titans-train: the memory op's CPU kernel did not build ({_ERROR}); using the slower "
-                          "PyTorch path (same results). Set TITANS_CPU_KERNEL=0 to skip the attempt.", stacklevel=2)
-    return _MODULE
+    return _KERNEL.module()
 
 
 def available() -> bool:
@@ -79,7 +38,7 @@ def available() -> bool:
 
 def build_error() -> str | None:
     """Why the kernel is unavailable (None when it is available or not tried yet)."""
-    return _ERROR
+    return _KERNEL.error
 
 
 class CpuChunkedMemory(torch.autograd.Function):

@@ -1,0 +1,89 @@
+"""The memory's fused causal conv + SiLU (CPU kernel and PyTorch taps) against F.conv1d (float64, 1e-12)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans_train.ops import causal_conv
+from titans_train.ops.causal_conv import causal_conv_silu, causal_conv_silu_taps
+
+TOL = 1e-12
+
+
+def reference(seq, weight, since):
+    """SiLU of F.conv1d, one document segment at a time: a token's taps before its document start see zeros."""
+    B, n, C = seq.shape
+    K = weight.shape[0]
+    T = n - (K - 1)
+    out = []
+    for b in range(B):
+        rows = []
+        for t in range(T):
+            window = seq[b, t : t + K]  # (K, C): taps K-1..0 tokens back
+            if since is not None:
+                back = torch.arange(K - 1, -1, -1)
+                window = window * (back <= since[b, t])[:, None]
+            rows.append(F.conv1d(window.t()[None], weight.t()[:, None, :], groups=C)[0, :, 0])
+        out.append(torch.stack(rows))
+    return F.silu(torch.stack(out))
+
+
+def inputs(B, T, C, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randn(B, T + K - 1, C, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(K, C, dtype=torch.float64, generator=g, requires_grad=True)
+    return seq, weight
+
+
+def since_of(starts: list[list[int]], T: int, K: int) -> torch.Tensor:
+    t = torch.arange(T)
+    reset = torch.zeros(len(starts), T, dtype=torch.bool)
+    for b, pos in enumerate(starts):
+        reset[b, pos] = True
+    start = torch.cummax(torch.where(reset, t, -K), dim=1).values
+    return t - start
+
+
+def _kernel():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the conv runs as PyTorch taps")
+    assert causal_conv.available(), f"the causal conv kernel did not build: {causal_conv._KERNEL.error}"
+
+
+@pytest.mark.parametrize("path", ["kernel", "taps"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("starts", [None, [[0, 5], [3]], [[1, 2, 3], []]], ids=["none", "some", "adjacent"])
+def test_matches_conv1d(path, K, starts):
+    """Odd sizes (C = 37: vector body and scalar tail), forward and every gradient."""
+    if path == "kernel":
+        _kernel()
+    seq, weight = inputs(2, 11, 37, K)
+    since = None if starts is None else since_of(starts, 11, K)
+    fn = causal_conv_silu if path == "kernel" else causal_conv_silu_taps
+    out, ref = fn(seq, weight, since), reference(seq, weight, since)
+    assert (out - ref).abs().max() <= TOL
+    grad = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    got = torch.autograd.grad(out, (seq, weight), grad)
+    want = torch.autograd.grad(ref, (seq, weight), grad)
+    for g, w in zip(got, want):
+        assert g.abs().max() > 0 and (g - w).abs().max() <= TOL
+
+
+def test_kernel_float32_and_wide_channels():
+    """float32 at the layer's width (3 x 256 channels, more than one block per thread) and T = 300."""
+    _kernel()
+    seq, weight = inputs(2, 300, 768, 4, seed=1)
+    since = since_of([[7, 200], []], 300, 4)
+    s32, w32 = (x.detach().float().requires_grad_() for x in (seq, weight))
+    out = causal_conv_silu(s32, w32, since)
+    ref = causal_conv_silu_taps(seq, weight, since)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (s32, w32), grad.float())
+    want = torch.autograd.grad(ref, (seq, weight), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
