@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import memory_apply, memory_update
-from ..ops.causal_conv import causal_conv_silu
+from ..ops.fused import causal_conv_silu
 from .state import StateMixin
 
 
@@ -277,7 +277,7 @@ class NeuralMemory(nn.Module):
         With `reset` (B, T) bool (document starts), a token sees zeros before its document's first token (a tap j
         tokens back counts only if no document starts in between), and the tail keeps zeros before the last start.
         The taps as one fused CPU kernel (or shifted multiply-adds), not F.conv1d: oneDNN's depthwise conv backward
-        took 17% of a MAG training step at T = 2048 (`titans_train.ops.causal_conv`).
+        took 17% of a MAG training step at T = 2048 (`titans_train.ops.fused`).
         """
         seq = torch.cat([tail, proj], dim=1)  # (B, K - 1 + T, C)
         weight = self.conv.weight[channels, 0].t()  # (K, C); row K - 1 is the current token's tap

@@ -1,4 +1,5 @@
-"""The memory's fused causal conv + SiLU (CPU kernel and PyTorch taps) against F.conv1d (float64, 1e-12)."""
+"""The fused CPU kernels against plain PyTorch (float64, 1e-12): the memory's causal conv + SiLU (and its PyTorch
+taps) against F.conv1d, SwiGLU's gating against F.silu(gate) * up."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titans_train.ops import causal_conv
-from titans_train.ops.causal_conv import causal_conv_silu, causal_conv_silu_taps
+from titans_train.ops import fused
+from titans_train.ops.fused import causal_conv_silu, causal_conv_silu_taps, swiglu
 
 TOL = 1e-12
 
@@ -51,7 +52,7 @@ def since_of(starts: list[list[int]], T: int, K: int) -> torch.Tensor:
 def _kernel():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the conv runs as PyTorch taps")
-    assert causal_conv.available(), f"the causal conv kernel did not build: {causal_conv._KERNEL.error}"
+    assert fused.available(), f"the fused kernels did not build: {fused._KERNEL.error}"
 
 
 @pytest.mark.parametrize("path", ["kernel", "taps"])
@@ -87,3 +88,20 @@ def test_kernel_float32_and_wide_channels():
     want = torch.autograd.grad(ref, (seq, weight), grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 2 * 37), (5, 2 * 704)], ids=["odd-width", "mlp-width"])
+def test_swiglu_matches_silu_times_up(shape):
+    _kernel()
+    g = torch.Generator().manual_seed(2)
+    gu = (3 * torch.randn(*shape, dtype=torch.float64, generator=g)).requires_grad_()
+    out = swiglu(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
+    grad = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    got, want = torch.autograd.grad(out, gu, grad)[0], torch.autograd.grad(ref, gu, grad)[0]
+    assert (got - want).abs().max() <= TOL
+    x32 = gu.detach().float()  # float32 and a non-contiguous input (a view of the last dim)
+    wide = torch.cat([x32, x32], dim=-1)[..., : shape[-1]]
+    torch.testing.assert_close(swiglu(wide), (F.silu(x32.chunk(2, -1)[0]) * x32.chunk(2, -1)[1]), rtol=1e-6, atol=1e-6)

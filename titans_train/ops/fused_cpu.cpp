@@ -1,5 +1,6 @@
-// CPU kernel of the neural memory's short causal depthwise conv fused with the SiLU after it (causal_conv.py).
+// Fused elementwise CPU kernels (fused.py): passes over activations that PyTorch would make one op at a time.
 //
+// 1. The neural memory's short causal depthwise conv with the SiLU after it:
 //   pre[b, t, c] = sum_{j = 0..min(K - 1, since[b, t])} seq[b, t + K - 1 - j, c] * w[K - 1 - j, c]
 //   out = silu(pre)
 //
@@ -7,6 +8,9 @@
 // current token's tap; since (B, T) int64 (tokens since the token's document start, >= K where none; empty: none)
 // drops the taps that reach before a document start. The forward is one pass over the rows (vectorised over C);
 // the backward one pass per block of channels, each block's tap gradients private to its thread.
+//
+// 2. SwiGLU's gating: gu (R, 2H) = [gate | up] (the fused w13 projection), out (R, H) = silu(gate) * up; backward
+// d gu = [d out * up * silu'(gate) | d out * silu(gate)], one pass each way.
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY AVX512
@@ -119,6 +123,49 @@ void backward_impl(const T* grad, const T* seq, const T* w, const int64_t* since
   });
 }
 
+template <typename T>
+void swiglu_forward_impl(const T* gu, T* out, int64_t R, int64_t H) {
+  using V = Vectorized<T>;
+  at::parallel_for(0, R, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; r++) {
+      const T* g = gu + r * 2 * H;
+      const T* u = g + H;
+      T* o = out + r * H;
+      int64_t c = 0;
+      for (; c + V::size() <= H; c += V::size()) {
+        V x = V::loadu(g + c);
+        (x / (V(T(1)) + x.neg().exp()) * V::loadu(u + c)).store(o + c);
+      }
+      for (; c < H; c++) o[c] = g[c] * sigmoid(g[c]) * u[c];
+    }
+  });
+}
+
+template <typename T>
+void swiglu_backward_impl(const T* grad, const T* gu, T* dgu, int64_t R, int64_t H) {
+  using V = Vectorized<T>;
+  at::parallel_for(0, R, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; r++) {
+      const T* g = gu + r * 2 * H;
+      const T* u = g + H;
+      const T* d = grad + r * H;
+      T* dg = dgu + r * 2 * H;
+      T* du = dg + H;
+      int64_t c = 0;
+      for (; c + V::size() <= H; c += V::size()) {
+        V x = V::loadu(g + c), s = V(T(1)) / (V(T(1)) + x.neg().exp()), dv = V::loadu(d + c);
+        (dv * V::loadu(u + c) * s * (V(T(1)) + x * (V(T(1)) - s))).store(dg + c);
+        (dv * x * s).store(du + c);
+      }
+      for (; c < H; c++) {
+        const T s = sigmoid(g[c]);
+        dg[c] = d[c] * u[c] * s * (T(1) + g[c] * (T(1) - s));
+        du[c] = d[c] * g[c] * s;
+      }
+    }
+  });
+}
+
 void check(const at::Tensor& seq, const at::Tensor& w, const at::Tensor& since) {
   TORCH_CHECK(seq.device().is_cpu() && w.device().is_cpu(), "causal conv CPU kernel: CPU tensors only");
   TORCH_CHECK(seq.is_contiguous() && w.is_contiguous() && since.is_contiguous(), "causal conv CPU kernel: contiguous");
@@ -161,7 +208,32 @@ std::vector<at::Tensor> conv_backward(at::Tensor grad, at::Tensor seq, at::Tenso
   return {dseq, dw};
 }
 
+at::Tensor swiglu_forward(at::Tensor gu) {
+  TORCH_CHECK(gu.device().is_cpu() && gu.is_contiguous() && gu.size(-1) % 2 == 0, "swiglu CPU kernel: (..., 2H)");
+  const int64_t H = gu.size(-1) / 2, R = gu.numel() / (2 * H);
+  auto sizes = gu.sizes().vec();
+  sizes.back() = H;
+  at::Tensor out = at::empty(sizes, gu.options());
+  AT_DISPATCH_FLOATING_TYPES(gu.scalar_type(), "swiglu_forward", [&] {
+    swiglu_forward_impl<scalar_t>(gu.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), R, H);
+  });
+  return out;
+}
+
+at::Tensor swiglu_backward(at::Tensor grad, at::Tensor gu) {
+  TORCH_CHECK(grad.is_contiguous() && gu.is_contiguous() && grad.numel() * 2 == gu.numel(),
+              "swiglu CPU kernel: grad (..., H), gu (..., 2H)");
+  const int64_t H = gu.size(-1) / 2, R = gu.numel() / (2 * H);
+  at::Tensor dgu = at::empty_like(gu);
+  AT_DISPATCH_FLOATING_TYPES(gu.scalar_type(), "swiglu_backward", [&] {
+    swiglu_backward_impl<scalar_t>(grad.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(), dgu.data_ptr<scalar_t>(), R, H);
+  });
+  return dgu;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &conv_forward, "causal depthwise conv + SiLU, forward (CPU)");
-  m.def("backward", &conv_backward, "causal depthwise conv + SiLU, backward (CPU)");
+  m.def("conv_forward", &conv_forward, "causal depthwise conv + SiLU, forward (CPU)");
+  m.def("conv_backward", &conv_backward, "causal depthwise conv + SiLU, backward (CPU)");
+  m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up of [gate | up], forward (CPU)");
+  m.def("swiglu_backward", &swiglu_backward, "silu(gate) * up of [gate | up], backward (CPU)");
 }
