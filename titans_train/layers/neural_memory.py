@@ -4,7 +4,8 @@ x -> q, k, v (linear, causal depthwise conv k=4, SiLU; q and k L2-normalised per
 rates theta (inner lr, scaled by `max_lr`), eta (momentum decay), alpha (forgetting; optionally one per channel of
 the head, `channel_alpha`), all sigmoid of linear maps of x. The memory op (`titans_train.ops.memory_update`)
 writes k -> v into per-head fast weights and reads q back; the read-out goes through a per-head RMS norm, a SiLU
-gate from x, and the output projection.
+gate from x, and the output projection. The gate forgets towards the learned W_0 (`forget_target="initial"`), not
+towards zero as in the paper, where a long stream leaves a bias-free memory MLP empty for good.
 
 Scale of the inner step (why `inner_step`, `init_scale` and `value_norm` exist). The inner update is gradient
 descent on ||M(k) - v||^2, unrolled through every memory chunk of the sequence, and the outer gradient flows back
@@ -138,9 +139,10 @@ class NeuralMemory(nn.Module):
             of summing ~1 / (1 - eta_t) of them) or `plain` (the paper's S_t = eta_t S_(t-1) - theta_t grad_t).
         theta_bias, eta_bias, alpha_bias: initial biases of the rate maps (sigmoid space); defaults give
             theta = max_lr * 0.5, eta ~ 0.88, alpha ~ 0.0025 (forgetting over ~400 tokens) at init.
-        forget_target: what the forgetting gate decays the fast weights towards: "zero" (the paper) or "initial"
-            (the learned W_0; see `memory_update`'s `forget_to`). Zero is a fixed point of a bias-free memory MLP's
-            inner gradient descent: forgotten that far, the memory cannot learn again.
+        forget_target: what the forgetting gate decays the fast weights towards: "initial" (default: the learned
+            W_0; see `memory_update`'s `forget_to`) or "zero" (the paper). Zero is a fixed point of a bias-free
+            memory MLP's inner gradient descent: forgotten that far, the memory cannot learn again, and a long
+            stream gets there (recipes/README.md, "Long streams").
         compile: run the op's per-chunk step through torch.compile (faster; compiles once per process/shape).
     """
 
@@ -167,7 +169,7 @@ class NeuralMemory(nn.Module):
         theta_bias: float = 0.0,
         eta_bias: float = 2.0,
         alpha_bias: float = -6.0,
-        forget_target: str = "zero",
+        forget_target: str = "initial",
         compile: bool = False,
     ):
         super().__init__()
