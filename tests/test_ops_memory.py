@@ -69,10 +69,11 @@ def compare(T, chunk_size, n_layers, residual, layer_norm, per_layer_theta=False
     kw = dict(chunk_size=chunk_size, residual=residual, layer_norm=layer_norm)
     if ln_eps is not None:
         kw["ln_eps"] = ln_eps
-    if forget_to:  # a decay target other than the weights themselves (W_0 of the layer), with its own gradient
-        g = torch.Generator().manual_seed(1)
+    if forget_to:  # a decay target other than the weights themselves (W_0 of the layer), with its own gradient;
+        g = torch.Generator().manual_seed(1)  # "shared": one for every batch row (batch size 1), as the layer gives
+        src = [w[:1] if forget_to == "shared" else w for w in args[6]]
         kw["forget_to"] = tuple((w.detach() + 0.5 * torch.randn(w.shape, generator=g, dtype=w.dtype) * w.detach().std())
-                                .requires_grad_(True) for w in args[6])
+                                .requires_grad_(True) for w in src)
         leaves = [*leaves, *kw["forget_to"]]
     fast = run_with_grads(memory_update, args, leaves, compile=compile, impl=impl, **kw)
     ref = run_with_grads(memory_update_reference, args, leaves, **kw)
@@ -159,6 +160,16 @@ def test_forget_to_matches_reference(chunk_size, n_layers, residual, layer_norm,
                          ids=["channel", "per_layer_theta", "eps0.1", "cpu-per_layer_theta-eps0.1", "cpu-3x1"])
 def test_forget_to_with_the_other_options(extra):
     compare(37, 4, 2, True, True, forget_to=True, **extra)
+
+
+@pytest.mark.parametrize("extra", [dict(impl="cpu"), dict(impl="autograd"), dict(impl="autograd", channel_alpha=True),
+                                   dict(impl="cpu", batch_heads=(3, 2), n_layers=3)],
+                         ids=["cpu", "autograd", "autograd-channel", "cpu-3x2-L3"])
+def test_forget_to_shared_by_the_batch_rows(extra):
+    """A target of batch size 1 (the layer's W_0) is read by every row without a per-row copy; its gradient sums
+    the rows'."""
+    n_layers = extra.pop("n_layers", 2)
+    compare(37, 4, n_layers, True, True, forget_to="shared", **extra)
 
 
 def test_forget_to_definition_and_kernels():

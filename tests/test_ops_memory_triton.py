@@ -62,10 +62,13 @@ def test_triton_ln_eps():
 
 
 @interpreted
-@pytest.mark.parametrize("n_layers", [1, 2, 3], ids=lambda n: f"L{n}")
-def test_triton_forget_to(n_layers):
-    """The decay target (forget_to): query reads, chunk-end state and its own gradient, through both kernels."""
-    compare(21, 4, n_layers, True, True, impl="triton", batch_heads=BH, forget_to=True)
+@pytest.mark.parametrize("n_layers,forget_to", [(1, True), (2, True), (3, True), (2, "shared")],
+                         ids=["L1", "L2", "L3", "L2-shared"])
+def test_triton_forget_to(n_layers, forget_to):
+    """The decay target (forget_to): query reads, chunk-end state and its own gradient, through both kernels; also
+    one target shared by the batch rows."""
+    compare(21, 4, n_layers, True, True, impl="triton", batch_heads=(2, 2) if forget_to == "shared" else BH,
+            forget_to=forget_to)
 
 
 @interpreted

@@ -352,7 +352,7 @@ class NeuralMemory(nn.Module):
         n = n_p + T
         n_full = n - n % self.chunk_size
         theta_arg = theta if self.theta_cols > 1 else theta[..., 0]
-        kw = self._op_kw(B, q.device, state.weights[0].dtype)
+        kw = self._op_kw(q.device, state.weights[0].dtype)
         if reset is not None or state.pending_len is not None:
             y, weights, momentum, pending_len = self._documents(q, k, v, theta_arg, eta, alpha, state, reset, kw)
             m = max(pending_len)
@@ -448,19 +448,19 @@ class NeuralMemory(nn.Module):
         theta = theta_p if self.theta_cols > 1 else theta_p[..., 0]
         mask = self._own_pending(state, k_p.shape[2]) if state.pending_len is not None else None
         _, weights, _ = memory_update(k_p, k_p, v_p, theta, eta_p, alpha_p, state.weights, state.momentum, mask=mask,
-                                      **self._op_kw(k_p.shape[0], k_p.device, state.weights[0].dtype))
+                                      **self._op_kw(k_p.device, state.weights[0].dtype))
         return weights
 
     def _initial(self, batch_size: int, device, dtype) -> tuple[Tensor, ...]:
         """The learned W_0, one view per row."""
         return tuple(w.to(device, dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights)
 
-    def _op_kw(self, batch_size: int, device, dtype) -> dict:
+    def _op_kw(self, device, dtype) -> dict:
         """The memory op's arguments that come from this layer's configuration."""
         kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps,
                   compile=self.compile)
-        if self.forget_target == "initial":
-            kw["forget_to"] = self._initial(batch_size, device, dtype)
+        if self.forget_target == "initial":  # W_0 with batch size 1: the op shares it between the rows
+            kw["forget_to"] = tuple(w.to(device, dtype).unsqueeze(0) for w in self.init_weights)
         return kw
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:

@@ -101,7 +101,8 @@ def memory_update(
             and the memory chunks are counted over the present tokens only.
         initial: L tensors shaped like `weights` (the learned W_0 of each row); gradients reach them from every
             reset.
-        forget_to: L tensors shaped like `weights`, or None (the paper's form: the gate decays towards zero). The
+        forget_to: L tensors shaped like `weights`, or with batch size 1 (one target for every row, e.g. the learned
+            W_0: nothing is copied per row), or None (the paper's form: the gate decays towards zero). The
             gate decays towards them instead: W_t = (1 - alpha_t) W_{t-1} + alpha_t forget_to + S_t, so that a
             long stream forgets back to them (e.g. the learned W_0) rather than to the all-zero MLP, from which the
             inner gradient of a bias-free MLP cannot grow it again. Every implementation; gradients reach them.
@@ -124,9 +125,11 @@ def memory_update(
     """
     _validate(q, k, v, theta, eta, alpha, weights, momentum, chunk_size)
     _validate_documents(q, weights, reset, mask, initial)
-    if forget_to is not None and [tuple(w.shape) for w in forget_to] != [tuple(w.shape) for w in weights]:
+    if forget_to is not None and (len(forget_to) != len(weights) or any(
+            tuple(f.shape[1:]) != tuple(w.shape[1:]) or f.shape[0] not in (1, w.shape[0])
+            for f, w in zip(forget_to, weights))):
         raise ValueError(f"forget_to shapes {[tuple(w.shape) for w in forget_to]} must match the weights' "
-                         f"{[tuple(w.shape) for w in weights]}")
+                         f"{[tuple(w.shape) for w in weights]} (or have batch size 1)")
     if _DEBUG:
         _check_values(q, k, v, theta, eta, alpha, weights, momentum)
     out_dtype = q.dtype

@@ -157,8 +157,9 @@ def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end
     P_e, Bc_e, F_e: (BH, 1, 1) chunk-end coefficients; G_end, S_end: (BH, L, b, 1) chunk-end rows of G and of
     Deta * theta. `first`: channel-wise alpha only, the first layer's terms from `channel_first_layer` (Bc1 * xq,
     F1 * xq (BH, b, D), scores (BH, b, b), Bc1_e, F1_e (BH, D, 1), G1[e] * xk (BH, b, D)), used for layer 1.
-    `target`: the weights the gate decays towards (BH, in, out) per layer, None for zero: the decayed part of the
-    anchor, (1 - Bc) W_0 in the dual form below, moves to them, W_i = Bc_i W + (1 - Bc_i) target + ....
+    `target`: the weights the gate decays towards (B or 1, H, in, out) per layer (broadcast over the batch rows),
+    None for zero: the decayed part of the anchor, (1 - Bc) W_0 in the dual form below, moves to them,
+    W_i = Bc_i W + (1 - Bc_i) target + ....
     Returns the queries' last-layer pre-norm outputs (BH, b, D) and the next anchors.
     """
     L = len(W)
@@ -193,8 +194,9 @@ def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end
             scores = G[:, l] * (h @ acts[l].transpose(-1, -2))  # (BH, b, b), lower triangular
             bh = Bc_rows * h
             z = torch.baddbmm(torch.bmm(bh, W[l]), F_rows * h, S[l])
-        if target is not None:
-            z = torch.baddbmm(z, h - bh, target[l])
+        if target is not None:  # (BH, b, in) as (B, H, b, in) @ (B or 1, H, in, out)
+            H = target[l].shape[1]
+            z = z + torch.matmul((h - bh).unflatten(0, (-1, H)), target[l]).flatten(0, 1)
         z = torch.baddbmm(z, scores, deltas[l], alpha=-1.0)
         h = F.gelu(z) if l < L - 1 else z
 
@@ -210,7 +212,8 @@ def chunk_step(xq, xk, v, W, S, Bc_rows, F_rows, G, P_e, Bc_e, F_e, G_end, S_end
             keep_e = Bc_e
             w = torch.baddbmm(torch.addcmul(Bc_e * W[l], F_e, S[l]), a_t, G_end[:, l] * deltas[l], alpha=-1.0)
         if target is not None:
-            w = torch.addcmul(w, 1.0 - keep_e, target[l])
+            H = target[l].shape[1]
+            w = w + ((1.0 - keep_e).unflatten(0, (-1, H)) * target[l]).flatten(0, 1)
         W_new.append(w)
         S_new.append(torch.baddbmm(P_e * S[l], a_t, S_end[:, l] * deltas[l], alpha=-1.0))
     return h, W_new, S_new
@@ -299,7 +302,8 @@ def memory_update_chunked(
         E3 = torch.stack([end["Bc"], end["P"], end["F"]], dim=-1)  # (BH, N, 3)
         GS = torch.stack([G_end, S_end], dim=-2)  # (BH, N, L, 2, b)
         # same inputs and outputs, (batch, head)-major
-        target = pack_target(None if forget_to is None else [w.reshape(BH, -1) for w in forget_to], q)
+        # (B or 1, H, in, out) -> (BH or H, in, out): a view, so a target shared by the rows is never copied per row
+        target = pack_target(None if forget_to is None else [w.reshape(-1, *w.shape[2:]) for w in forget_to], q)
         fn = CpuChunkedMemory if path == "cpu" else _triton().TritonChunkedMemory
         out, *state = fn.apply(residual, layer_norm, ln_eps, qc.contiguous(), kc.contiguous(), vc.contiguous(), BF,
                                c["G"].contiguous(), E3, GS, target, *(w.contiguous() for w in W),
@@ -316,7 +320,7 @@ def memory_update_chunked(
     first = [None] * N
     if channel:
         first = _channel_terms(qc, kc, chunks(theta)[..., 0], c["deta"], c["P"], alpha_c, last)
-    target = None if forget_to is None else [w.reshape(BH, *w.shape[2:]) for w in forget_to]
+    target = None if forget_to is None else list(forget_to)
     outs = []
     step = _compiled_step() if compile else chunk_step
     for n in range(N):

@@ -80,14 +80,23 @@ class CpuChunkedMemory(torch.autograd.Function):
             ctx.layer_norm, ctx.ln_eps,
         )
         dW0, dS0 = _unpack(dstate, dims)
-        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, dtarget if target.numel() else None, *dW0, *dS0)
+        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, sum_target_grad(dtarget, target), *dW0, *dS0)
 
 
 def pack_target(target, like: Tensor) -> Tensor:
-    """The decay target W_1..W_L (BH, in, out) -> (BH, sum_l in out) for the kernel; None -> an empty tensor."""
+    """The decay target W_1..W_L (R, in, out) -> (R, sum_l in out) for the kernels, R = BH or the heads alone (one
+    target shared by every batch row: no per-row copy); None -> an empty tensor."""
     if target is None:
         return like.new_empty(0)
     return torch.cat([w.reshape(w.shape[0], -1) for w in target], dim=1).contiguous()
+
+
+def sum_target_grad(dtarget: Tensor, target: Tensor) -> Tensor | None:
+    """The kernels' per-item (BH, S) target gradient summed over the items that share a row of the (R, S) target."""
+    if not target.numel():
+        return None
+    R = target.shape[0]
+    return dtarget.view(-1, R, dtarget.shape[1]).sum(0) if dtarget.shape[0] != R else dtarget
 
 
 def _pack(W, S) -> Tensor:

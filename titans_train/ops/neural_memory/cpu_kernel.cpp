@@ -11,7 +11,8 @@
 //   q, k, v: (BH, N, b, D); BF: (BH, N, 2, b) rows [Bc_i; F_i]; G: (BH, N, L, b, b);
 //   E3: (BH, N, 3) chunk-end [Bc_e, P_e, F_e]; GS: (BH, N, L, 2, b) chunk-end rows [G[b-1, j]; Deta[b-1, j] theta_j];
 //   state: (BH, sum_l 2 * in_l * out_l), per layer [W_l; S_l];
-//   target: (BH, sum_l in_l * out_l), per layer the weights the gate decays towards (forget_to), or empty for zero:
+//   target: (R, sum_l in_l * out_l), per layer the weights the gate decays towards (forget_to), item bh reading row
+//   bh % R (R = BH, or R = heads for one target shared by the batch rows), or empty for zero:
 //   then W_i = Bc_i W + (1 - Bc_i) target + ... inside a chunk and W' = Bc_e W + (1 - Bc_e) target + ... at its end.
 // Output: the queries' last-layer pre-norm outputs (BH, N, b, D) and the final state.
 
@@ -217,7 +218,7 @@ struct Problem {
   std::vector<int> din, dout;
   std::vector<int64_t> off;  // offset of layer l's [W; S] inside a state
   std::vector<int64_t> toff;  // offset of layer l inside a target
-  int64_t state_size, target_size;
+  int64_t state_size, target_size, target_rows;
   bool has_target;
   // per-item pointers (set by item()); tgt is nullptr without a target
   const T *q, *k, *v, *BF, *G, *E3, *GS, *tgt;
@@ -394,6 +395,7 @@ Problem<T> make_problem(const at::Tensor& q, const std::vector<int64_t>& dims, b
   p.state_size = o;
   p.target_size = to;
   p.has_target = false;
+  p.target_rows = 1;
   p.tgt = nullptr;
   return p;
 }
@@ -414,7 +416,7 @@ void set_item(Problem<T>& p, int64_t bh, const at::Tensor& q, const at::Tensor& 
 // The item's decay target (nullptr when the problem has none).
 template <typename T>
 void set_target(Problem<T>& p, int64_t bh, const at::Tensor& target) {
-  p.tgt = p.has_target ? target.data_ptr<T>() + bh * p.target_size : nullptr;
+  p.tgt = p.has_target ? target.data_ptr<T>() + (bh % p.target_rows) * p.target_size : nullptr;
 }
 
 int64_t max_dim(const std::vector<int64_t>& dims) { return *std::max_element(dims.begin(), dims.end()); }
@@ -428,8 +430,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const int64_t BH = q.size(0);
   Problem<T> proto = make_problem<T>(q, dims, residual, layer_norm, ln_eps);
   proto.has_target = target.numel() > 0;
-  TORCH_CHECK(!proto.has_target || target.numel() == BH * proto.target_size,
-              "titans memory CPU kernel: target must be (BH, sum_l in_l * out_l)");
+  proto.target_rows = proto.has_target ? target.size(0) : 1;
+  TORCH_CHECK(!proto.has_target || (target.dim() == 2 && target.size(1) == proto.target_size &&
+                                    BH % proto.target_rows == 0),
+              "titans memory CPU kernel: target must be (R, sum_l in_l * out_l) with R dividing BH");
   const int N = proto.N;
   K = std::min<int64_t>(K, N);
   const int64_t n_seg = (N + K - 1) / K;
@@ -471,6 +475,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const int64_t BH = q.size(0);
   Problem<T> proto = make_problem<T>(q, dims, residual, layer_norm, ln_eps);
   proto.has_target = target.numel() > 0;
+  proto.target_rows = proto.has_target ? target.size(0) : 1;
   const int N = proto.N, b = proto.b, D = proto.D, L = proto.L;
   K = std::min<int64_t>(K, N);
   const int64_t n_seg = (N + K - 1) / K;
@@ -478,7 +483,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   at::Tensor dBF = at::empty_like(BF), dG = at::empty_like(G), dGS = at::empty_like(GS);
   at::Tensor dE3 = at::empty_like(E3);
   at::Tensor dstate = at::empty_like(dfinal);
-  at::Tensor dtarget = at::zeros_like(target);  // summed over every chunk of the item
+  // per item, summed over its chunks (the caller sums the items that share a target row)
+  at::Tensor dtarget = proto.has_target ? at::zeros({BH, proto.target_size}, q.options()) : at::zeros_like(target);
   const int64_t md = std::max<int64_t>(max_dim(dims), b);
   at::parallel_for(0, BH, 1, [&](int64_t lo, int64_t hi) {
     Problem<T> p = proto;

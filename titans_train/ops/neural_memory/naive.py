@@ -116,7 +116,7 @@ def _by_document(q, k, v, theta, eta, alpha, weights, momentum, reset, mask, ini
             if is_reset:
                 W, S = tuple(w0[r : r + 1] for w0 in initial), tuple(torch.zeros_like(s) for s in S)
             pick = lambda x: x[r : r + 1, :, idx]  # noqa: E731
-            target = None if forget_to is None else tuple(w[r : r + 1] for w in forget_to)
+            target = None if forget_to is None else tuple(w[r : r + 1] if w.shape[0] > 1 else w for w in forget_to)
             y_doc, W, S = memory_update_reference(*map(pick, (q, k, v, theta, eta, alpha)), W, S, forget_to=target, **kw)
             y[r, :, idx] = y_doc[0]
         W_out.append(W)

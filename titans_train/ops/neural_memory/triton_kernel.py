@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .cpu import _pack, _unpack
+from .cpu import _pack, _unpack, sum_target_grad
 
 # Interpreting is decided when the kernels below are decorated, i.e. when this module is first imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -322,14 +322,14 @@ def _chunk_forward(q_ptr, k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, nxt, 
 
 @triton.jit
 def _forward_kernel(q, k, v, bf, g, e3, gs, state0, target, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS, TS,
-                    SCR, K, L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
+                    TROWS, SCR, K, L: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
                     BB: tl.constexpr, SL: tl.constexpr, KT: tl.constexpr, RES: tl.constexpr,
                     LN: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr, TGT: tl.constexpr):
     """One program per (batch, head) item: its chunk loop, the state ping-ponging between two buffers."""
     bh = tl.program_id(0).to(tl.int64)
     st0 = stbuf + bh * 2 * SS
     scr = scratch + bh * SCR
-    tgt = target + bh * TS
+    tgt = target + (bh % TROWS) * TS  # a target row per item, or one per head shared by the batch rows
     _copy(state0 + bh * SS, st0, SS, 1024)
     tl.debug_barrier()
     for n in range(N):
@@ -588,7 +588,7 @@ def _chunk_backward(k_ptr, v_ptr, bf_ptr, g_ptr, e3_ptr, gs_ptr, st, cin, cout, 
 
 @triton.jit
 def _backward_kernel(q, k, v, bf, g, e3, gs, target, ckpt, dout, dfinal, dq, dk, dv, dbf, dg, de3, dgs, dstate, dtarget,
-                     segst, carry, scratch, N, b, n_seg, SS, TS, SCR, K, L: tl.constexpr, D: tl.constexpr,
+                     segst, carry, scratch, N, b, n_seg, SS, TS, TROWS, SCR, K, L: tl.constexpr, D: tl.constexpr,
                      HID: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, SL: tl.constexpr,
                      KT: tl.constexpr, RES: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
                      TGT: tl.constexpr):
@@ -598,8 +598,8 @@ def _backward_kernel(q, k, v, bf, g, e3, gs, target, ckpt, dout, dfinal, dq, dk,
     seg = segst + bh * K * SS
     cb = carry + bh * 2 * SS
     scr = scratch + bh * SCR
-    tgt = target + bh * TS
-    dtgt = dtarget + bh * TS  # zeros on entry
+    tgt = target + (bh % TROWS) * TS  # a target row per item, or one per head shared by the batch rows
+    dtgt = dtarget + bh * TS  # per item, zeros on entry
     _copy(dfinal + bh * SS, cb, SS, 1024)  # chunk n's carry (d of its end state) sits at parity N - 1 - n
     tl.debug_barrier()
     for sg_i in range(n_seg):
@@ -696,7 +696,8 @@ class TritonChunkedMemory(torch.autograd.Function):
         has_target = target.numel() > 0
         tgt = target if has_target else flat  # any tensor: not read without TGT
         _forward_kernel[(BH,)](q, k, v, BF, G, E3, GS, flat, tgt, out, final, ckpt, stbuf, scratch, N, b, n_seg, SS,
-                               tgt.shape[1] if has_target else 0, SCR, K, SAVE=save, TGT=has_target,
+                               tgt.shape[1] if has_target else 0, tgt.shape[0] if has_target else 1, SCR, K, SAVE=save,
+                               TGT=has_target,
                                num_warps=NUM_WARPS, **meta)
         ctx.meta, ctx.dims, ctx.K = meta, dims, K
         ctx.save_for_backward(q, k, v, BF, G, E3, GS, target, ckpt)
@@ -726,9 +727,10 @@ class TritonChunkedMemory(torch.autograd.Function):
         scratch = q.new_zeros((BH, SCR))
         has_target = target.numel() > 0
         tgt = target if has_target else dflat
-        dtarget = torch.zeros_like(tgt) if has_target else dflat
+        dtarget = q.new_zeros((BH, tgt.shape[1])) if has_target else dflat
         _backward_kernel[(BH,)](q, k, v, BF, G, E3, GS, tgt, ckpt, dout, dflat, dq, dk, dv, dBF, dG, dE3, dGS, dstate,
-                                dtarget, segst, carry, scratch, N, b, n_seg, SS, tgt.shape[1] if has_target else 0, SCR,
-                                K, TGT=has_target, num_warps=NUM_WARPS, **meta)
+                                dtarget, segst, carry, scratch, N, b, n_seg, SS, tgt.shape[1] if has_target else 0,
+                                tgt.shape[0] if has_target else 1, SCR, K, TGT=has_target, num_warps=NUM_WARPS, **meta)
         dW0, dS0 = _unpack(dstate, dims)
-        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, dtarget if has_target else None, *dW0, *dS0)
+        return (None, None, None, dq, dk, dv, dBF, dG, dE3, dGS, sum_target_grad(dtarget, target) if has_target else None,
+                *dW0, *dS0)
