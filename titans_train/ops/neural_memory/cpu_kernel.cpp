@@ -175,15 +175,27 @@ inline T mean(const T* a, int n) {
   return s / T(n);
 }
 
-// NW = Bce CW, NS = Pe CS + Fe CW, and eWW += <W, CW>, eSS += <S, CS>, eSW += <S, CW>, in one pass.
+// NW = Bce CW, NS = Pe CS + Fe CW, and eWW += <W, CW>, eSS += <S, CS>, eSW += <S, CW>, in one pass. With a decay
+// target tg (W' = Bce W + ... + (1 - Bce) tg): also eWW -= <tg, CW> and dT += (1 - Bce) CW, in the same pass.
 template <typename T>
 void carry_pass(const T* W, const T* S, const T* CW, const T* CS, T* NW, T* NS, int64_t n, T Bce, T Pe, T Fe, T& eWW,
-                T& eSS, T& eSW) {
+                T& eSS, T& eSW, const T* tg = nullptr, T* dT = nullptr) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  V a(T(0)), b(T(0)), c(T(0)), vB(Bce), vP(Pe), vF(Fe);
+  V a(T(0)), b(T(0)), c(T(0)), vB(Bce), vP(Pe), vF(Fe), vK(T(1) - Bce);
   int64_t i = 0;
-  for (; i + L <= n; i += L) {
+  if (tg) {
+    for (; i + L <= n; i += L) {
+      V cw = V::loadu(CW + i), cs = V::loadu(CS + i), w = V::loadu(W + i) - V::loadu(tg + i), s = V::loadu(S + i);
+      (vB * cw).store(NW + i);
+      at::vec::fmadd(vP, cs, vF * cw).store(NS + i);
+      at::vec::fmadd(vK, cw, V::loadu(dT + i)).store(dT + i);
+      a = at::vec::fmadd(w, cw, a);  // <W - tg, CW>
+      b = at::vec::fmadd(s, cs, b);
+      c = at::vec::fmadd(s, cw, c);
+    }
+  }
+  for (; tg == nullptr && i + L <= n; i += L) {
     V cw = V::loadu(CW + i), cs = V::loadu(CS + i), w = V::loadu(W + i), s = V::loadu(S + i);
     (vB * cw).store(NW + i);
     at::vec::fmadd(vP, cs, vF * cw).store(NS + i);
@@ -203,6 +215,10 @@ void carry_pass(const T* W, const T* S, const T* CW, const T* CS, T* NW, T* NS, 
   for (; i < n; i++) {
     NW[i] = Bce * CW[i];
     NS[i] = Pe * CS[i] + Fe * CW[i];
+    if (tg) {
+      eWW -= tg[i] * CW[i];
+      dT[i] += (T(1) - Bce) * CW[i];
+    }
     eWW += W[i] * CW[i];
     eSS += S[i] * CS[i];
     eSW += S[i] * CW[i];
@@ -352,13 +368,17 @@ void chunk_forward(const Problem<T>& p, Segment<T>& s, int n, int j, const T* st
     const T* S = W + io;
     T* Wn = nxt + p.off[l];
     T* Sn = Wn + io;
-    for (int64_t t = 0; t < io; t++) {
-      Wn[t] = Bce * W[t] + Fe * S[t];
-      Sn[t] = Pe * S[t];
-    }
     if (p.tgt) {
       const T* tg = p.tgt + p.toff[l];
-      for (int64_t t = 0; t < io; t++) Wn[t] += (T(1) - Bce) * tg[t];
+      for (int64_t t = 0; t < io; t++) {
+        Wn[t] = Bce * W[t] + Fe * S[t] + (T(1) - Bce) * tg[t];
+        Sn[t] = Pe * S[t];
+      }
+    } else {
+      for (int64_t t = 0; t < io; t++) {
+        Wn[t] = Bce * W[t] + Fe * S[t];
+        Sn[t] = Pe * S[t];
+      }
     }
     const T* GSl = p.GS + (((int64_t)n * L + l) * 2) * b;
     const T* dlt = s.delta(j, l);
@@ -655,13 +675,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             T* NW = spare.data() + p.off[l];
             T* NS = NW + io;
             // one pass over the state: the carry's decay and the coefficients' gradients <W, dW'>, <S, dS'>, <S, dW'>
-            carry_pass<T>(W, W + io, CW, CS, NW, NS, io, Bce, Pe, Fe, eWW, eSS, eSW);
-            if (p.tgt) {  // W' += (1 - Bc_e) target: dBc_e -= <target, dW'>, dtarget += (1 - Bc_e) dW'
-              const T* tg = p.tgt + p.toff[l];
-              T* dTl = dT + p.toff[l];
-              eWW -= dot(tg, CW, io);
-              for (int64_t t = 0; t < io; t++) dTl[t] += (T(1) - Bce) * CW[t];
-            }
+            // W' += (1 - Bc_e) target: dBc_e -= <target, dW'>, dtarget += (1 - Bc_e) dW' (in the same pass)
+            carry_pass<T>(W, W + io, CW, CS, NW, NS, io, Bce, Pe, Fe, eWW, eSS, eSW,
+                          p.tgt ? p.tgt + p.toff[l] : nullptr, p.tgt ? dT + p.toff[l] : nullptr);
             // the rank-b terms of dW stacked along k: one gemm [a; h; de]^T [dz; X0; delta] instead of three, so
             // that NW (larger than L1) is read and written once
             const int kk = l > 0 ? 3 * b : 2 * b;
