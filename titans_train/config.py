@@ -100,7 +100,8 @@ class MemoryConfig:
     the others' weights) vanishes: trained on 512-token windows, the mini MAG's fast weights fell to 1/8 of W_0 in
     a stream and streamed text scored worse than isolated windows (+0.07 bits/byte; LMM +0.25). With `initial` the
     memory forgets back to the prior the outer loop learnt, and streaming beats isolated windows (MAG -0.03, LMM
-    -0.02, MAL -0.03 bits/byte; recipes/README.md, "Long streams"). Same speed on every implementation of the memory op."""
+    -0.02, MAL -0.03 bits/byte; recipes/README.md, "Long streams"). Every implementation of the memory op has it; it costs
+    one more small matmul per memory layer and chunk (an LMM training step at T = 32K: 7.6-9%, BENCHMARKS.md)."""
     compile: bool = False
     """Run the memory op's per-chunk autograd step through torch.compile (fewer kernels on GPU; compiles once per
     process and shape, tens of seconds). On CPU leave it off: the default there is the op's C++ kernel, 2.2x faster
