@@ -242,7 +242,7 @@ class NeuralMemory(nn.Module):
         device = device or ref.device
         dtype = dtype or ref.dtype
         H, D, K = self.heads, self.head_dim, self.conv_kernel
-        weights = tuple(w.to(device, dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights)
+        weights = self._initial(batch_size, device, dtype)
         momentum = tuple(torch.zeros(batch_size, *w.shape, device=device, dtype=dtype) for w in self.init_weights)
         empty = lambda *s: torch.zeros(batch_size, H, 0, *s, device=device, dtype=dtype)  # noqa: E731
         pending = (empty(D), empty(D), empty(self.theta_cols), empty(), empty(D) if self.channel_alpha else empty())
@@ -433,7 +433,7 @@ class NeuralMemory(nn.Module):
         y = memory_apply(q, weights, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps)
         if reset is not None and bool(reset.any()):
             after = torch.cummax(reset.int(), dim=1).values.bool()  # (B, T) at or after a document start
-            initial = tuple(w.to(y.dtype).unsqueeze(0).expand(B, *w.shape) for w in self.init_weights)
+            initial = self._initial(B, y.device, y.dtype)
             y0 = memory_apply(q, initial, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps)
             y = torch.where(after[:, None, :, None], y0, y)
             state = self.reset_state(state, after[:, -1])
@@ -460,7 +460,7 @@ class NeuralMemory(nn.Module):
         kw = dict(chunk_size=self.chunk_size, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps,
                   compile=self.compile)
         if self.forget_target == "initial":  # W_0 with batch size 1: the op shares it between the rows
-            kw["forget_to"] = tuple(w.to(device, dtype).unsqueeze(0) for w in self.init_weights)
+            kw["forget_to"] = self._initial(1, device, dtype)
         return kw
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:

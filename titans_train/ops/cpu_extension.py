@@ -44,7 +44,8 @@ class Extension:
             # (e.g. a home directory on a cluster of mixed nodes) never hands one machine another's binary, and the
             # source's hash so that two checkouts of different versions never rebuild (or wait on) each other's.
             tag = "".join(ch for ch in (platform.processor() or platform.machine()) if ch.isalnum())[:24]
-            digest = hashlib.sha256(self.source.read_bytes()).hexdigest()[:10]
+            code = self.source.read_bytes() + (Path(__file__).with_name("cpu_capability.h")).read_bytes()
+            digest = hashlib.sha256(code).hexdigest()[:10]  # the source and the header it includes
             name = f"{self.prefix}_{tag}_{digest}"
             if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
                 print(f"titans-train: compiling {self.what} (first use on this machine, ~30 s; cached after)",

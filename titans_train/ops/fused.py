@@ -24,7 +24,7 @@ _KERNEL = Extension("titans_fused_cpu", Path(__file__).with_name("fused_cpu.cpp"
 
 def _kernel_applies(*tensors: Tensor) -> bool:
     x = tensors[0]
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
             and all(t.dtype == x.dtype for t in tensors) and _KERNEL.module() is not None)
 
 
@@ -35,7 +35,7 @@ def causal_conv_silu(seq: Tensor, weight: Tensor, since: Tensor | None = None) -
     K - 1 the current token's tap; since (B, T) integer, the tokens since each token's document start (a tap j
     counts only if since >= j), None where no document starts. Returns (B, T, C).
     """
-    if _kernel_applies(seq, weight) and not torch.is_autocast_enabled("cpu"):
+    if _kernel_applies(seq, weight):
         since_t = seq.new_empty(0, dtype=torch.long) if since is None else since.to(torch.long).contiguous()
         return _CpuCausalConvSilu.apply(seq.contiguous(), weight.contiguous(), since_t)
     return causal_conv_silu_taps(seq, weight, since)
@@ -56,7 +56,7 @@ def causal_conv_silu_taps(seq: Tensor, weight: Tensor, since: Tensor | None = No
 
 def swiglu(gate_up: Tensor) -> Tensor:
     """silu(gate) * up for gate_up = [gate | up] on the last dim (2H -> H)."""
-    if _kernel_applies(gate_up) and not torch.is_autocast_enabled("cpu"):
+    if _kernel_applies(gate_up):
         return _CpuSwiGLU.apply(gate_up.contiguous())
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

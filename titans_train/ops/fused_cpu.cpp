@@ -12,15 +12,7 @@
 // 2. SwiGLU's gating: gu (R, 2H) = [gate | up] (the fused w13 projection), out (R, H) = silu(gate) * up; backward
 // d gu = [d out * up * silu'(gate) | d out * silu(gate)], one pass each way.
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
+#include "cpu_capability.h"
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -16,15 +16,7 @@
 //   then W_i = Bc_i W + (1 - Bc_i) target + ... inside a chunk and W' = Bc_e W + (1 - Bc_e) target + ... at its end.
 // Output: the queries' last-layer pre-norm outputs (BH, N, b, D) and the final state.
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
+#include "../cpu_capability.h"
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
