@@ -94,6 +94,12 @@ def test_causal_conv_matches_conv1d(kernel):
         assert g.shape == w.shape and torch.allclose(g, w, rtol=0, atol=1e-12)
 
 
+def heads(layer, x):
+    """(B, T, H * D) -> (B, H, T, D)."""
+    B, T, _ = x.shape
+    return x.view(B, T, layer.heads, layer.head_dim).transpose(1, 2)
+
+
 @pytest.mark.parametrize("forget_target", ["zero", "initial"])
 @pytest.mark.parametrize("channel_alpha", [False, True], ids=["alpha-head", "alpha-channel"])
 def test_layer_matches_reference_op(channel_alpha, forget_target):
@@ -103,7 +109,7 @@ def test_layer_matches_reference_op(channel_alpha, forget_target):
     out, _ = layer(x)
     # Recompute projections as the layer does and run the token-loop reference.
     qkv, _ = layer._causal_conv(layer.qkv(x), layer.init_state(2).conv_tail, slice(None))
-    q, k, v = (layer._heads(t) for t in qkv.split(24, dim=-1))  # the conv's output is after its SiLU
+    q, k, v = (heads(layer, t) for t in qkv.split(24, dim=-1))  # the conv's output is after its SiLU
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     v = v / v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # value_norm: unit RMS per head
     theta, eta, alpha = layer._rates(x)
@@ -143,7 +149,7 @@ def test_retrieve_reads_current_weights_without_writing(channel_alpha):
     # and it is memory_apply with the current weights
     proj = F.linear(probe, layer.qkv.weight[:24])
     q, _ = layer._causal_conv(proj, state.query_tail, slice(0, 24))
-    q = F.normalize(layer._heads(q), dim=-1)
+    q = F.normalize(heads(layer, q), dim=-1)
     expect = layer._output(memory_apply(q, w_now, ln_eps=layer.ln_eps), probe)
     assert (expect - h).abs().max() <= TOL
 

@@ -1,5 +1,6 @@
 """The fused CPU kernels against plain PyTorch (float64, 1e-12): the memory's causal conv + SiLU (and its PyTorch
-taps) against F.conv1d, SwiGLU's gating against F.silu(gate) * up."""
+taps) against F.conv1d, SwiGLU's gating against F.silu(gate) * up, the per-head q / k / v norms against
+F.normalize and an RMS norm written out."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from titans_train.ops import fused
-from titans_train.ops.fused import causal_conv_silu, causal_conv_silu_taps, swiglu
+from titans_train.ops.fused import causal_conv_silu, causal_conv_silu_taps, head_norms, head_norms_torch, swiglu
 
 TOL = 1e-12
 
@@ -105,3 +106,67 @@ def test_swiglu_matches_silu_times_up(shape):
     x32 = gu.detach().float()  # float32 and a non-contiguous input (a view of the last dim)
     wide = torch.cat([x32, x32], dim=-1)[..., : shape[-1]]
     torch.testing.assert_close(swiglu(wide), (F.silu(x32.chunk(2, -1)[0]) * x32.chunk(2, -1)[1]), rtol=1e-6, atol=1e-6)
+
+
+def head_norms_reference(x, heads, modes):
+    """Each part and head on its own: F.normalize, or x / sqrt(mean(x^2) + 1e-6) written out."""
+    B, T, C = x.shape
+    D = C // (len(modes) * heads)
+    out = []
+    for p, mode in enumerate(modes):
+        per_head = []
+        for h in range(heads):
+            y = x[..., (p * heads + h) * D : (p * heads + h + 1) * D]
+            if mode == "l2":
+                y = F.normalize(y, dim=-1)
+            elif mode == "rms":
+                y = y / torch.sqrt((y * y).sum(-1, keepdim=True) / D + 1e-6)
+            per_head.append(y)
+        out.append(torch.stack(per_head, dim=1))  # (B, H, T, D)
+    return out
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("modes", [("l2", "l2", "rms"), ("l2", "l2", None), ("l2",)], ids=["qkv", "no-vnorm", "q"])
+def test_head_norms_match_reference(path, modes):
+    """Odd head dim (D = 37: vector body and scalar tail), a zero row (F.normalize clamps its norm), a tiny one,
+    forward and gradient; the kernel's outputs are contiguous (B, H, T, D)."""
+    if path == "kernel":
+        _kernel()
+    g = torch.Generator().manual_seed(3)
+    B, T, H, D = 2, 9, 3, 37
+    x = torch.randn(B, T, len(modes) * H * D, dtype=torch.float64, generator=g)
+    x[0, 2, :D] = 0.0  # part 0, head 0: the clamped norm
+    x[1, 4, D : 2 * D] *= 1e-14  # below the clamp too
+    x.requires_grad_()
+    fn = head_norms if path == "kernel" else head_norms_torch
+    out, ref = fn(x, H, modes), head_norms_reference(x, H, modes)
+    assert len(out) == len(modes)
+    for o, r in zip(out, ref):
+        assert o.shape == (B, H, T, D) and (o - r).abs().max() <= TOL
+        if path == "kernel":
+            assert o.is_contiguous()
+    grads = [torch.cos(torch.arange(o.numel(), dtype=o.dtype) * (i + 1)).view_as(o) for i, o in enumerate(out)]
+    got = torch.autograd.grad(out, x, grads)[0]
+    want = torch.autograd.grad(ref, x, grads)[0]
+    scale = want.abs().max()  # the clamped rows' gradients are dy / 1e-12
+    assert scale > 0 and (got - want).abs().max() <= TOL * scale
+
+
+def test_head_norms_kernel_float32_and_unused_part():
+    """float32 at the layer's shape (4 heads of 64, T = 300), and a gradient through q and v only (k unused)."""
+    _kernel()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 300, 3 * 256, dtype=torch.float64, generator=g)
+    x32 = x.float().requires_grad_()
+    x = x.requires_grad_()
+    modes = ("l2", "l2", "rms")
+    q, k, v = head_norms(x32, 4, modes)
+    rq, rk, rv = head_norms_reference(x, 4, modes)
+    for o, r in ((q, rq), (k, rk), (v, rv)):
+        torch.testing.assert_close(o.double(), r, rtol=1e-6, atol=1e-6)
+    dq, dv = torch.randn_like(rq), torch.randn_like(rv)
+    got = torch.autograd.grad((q, v), x32, (dq.float(), dv.float()))[0]
+    want = torch.autograd.grad((rq, rv), x, (dq, dv))[0]
+    assert got[..., 256:512].abs().max() == 0  # k's features get no gradient
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

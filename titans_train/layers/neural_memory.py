@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import memory_apply, memory_update
-from ..ops.fused import causal_conv_silu
+from ..ops.fused import causal_conv_silu, head_norms
 from .state import StateMixin
 
 
@@ -296,10 +296,6 @@ class NeuralMemory(nn.Module):
         keep = tail_pos[None, :] >= start[:, -1:]  # (B, K - 1)
         return out, seq[:, seq.shape[1] - (K - 1):] * keep[..., None]
 
-    def _heads(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-
     def _rates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """theta (B, H, T, n_theta), eta (B, H, T), alpha (B, H, T) or, channel-wise, (B, H, T, D)."""
         B, T, _ = x.shape
@@ -330,12 +326,10 @@ class NeuralMemory(nn.Module):
             state = self.init_state(B, x.device, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
         if reset is not None and not bool(reset.any()):
             reset = None
-        inner = self.heads * self.head_dim
         qkv, conv_tail = self._causal_conv(self.qkv(x), state.conv_tail.to(x.dtype), slice(None), reset)
-        q, k, v = (self._heads(t) for t in qkv.split(inner, dim=-1))  # (B, H, T, D) each, after the conv's SiLU
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        if self.value_norm:  # targets on the scale of M(k) = k + LN(f(k)): unit RMS per element
-            v = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+        # (B, H, T, D) each: q and k L2-normalised per head; v at unit RMS (`value_norm`: targets on the scale of
+        # M(k) = k + LN(f(k)))
+        q, k, v = head_norms(qkv, self.heads, ("l2", "l2", "rms" if self.value_norm else None))
         # Under autocast the projections come out in bf16 but normalize runs in fp32: give the op one dtype (it
         # computes in fp32 anyway; the fast weights are fp32).
         dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), state.weights[0].dtype)
@@ -427,7 +421,7 @@ class NeuralMemory(nn.Module):
         inner = self.heads * self.head_dim
         proj = F.linear(x, self.qkv.weight[:inner])
         q, query_tail = self._causal_conv(proj, state.query_tail.to(x.dtype), slice(0, inner), reset)
-        q = F.normalize(self._heads(q), dim=-1)
+        (q,) = head_norms(q, self.heads, ("l2",))
         weights = self.current_weights(state)
         q = q.to(weights[0].dtype)
         y = memory_apply(q, weights, residual=self.residual, layer_norm=self.layer_norm, ln_eps=self.ln_eps)

@@ -1,10 +1,14 @@
-"""Fused elementwise CPU kernels (`fused_cpu.cpp`): the memory's causal conv + SiLU, and SwiGLU's gating.
+"""Fused elementwise CPU kernels (`fused_cpu.cpp`): the memory's causal conv + SiLU, its per-head q / k / v
+normalisation, and SwiGLU's gating.
 
 Why kernels: at long T a training step's small elementwise passes over (T, C) activations cost as much as large
 matmuls (BENCHMARKS.md, "Training-step breakdown"). As K shifted multiply-adds plus a SiLU, the conv is ~K + 1
 passes over a (B, T, 3 x inner) tensor forward and ~3K + 2 backward (each tap's input gradient, its weight
 gradient as a product and a sum, SiLU's backward); SwiGLU's silu(gate) * up is 2 forward and ~4 backward plus the
-copy that joins the two halves' gradients. The kernels make one pass each way (per block of channels for the
+copy that joins the two halves' gradients; splitting q / k / v into heads and normalising them was ~10 passes and
+copies (a transpose, F.normalize's norm, clamp and division, the RMS norm's square, mean, rsqrt and product, the
+memory op's copy of the transposed views), 15% of a memory layer's training step at T = 8192. The kernels make one
+pass each way (per block of channels for the
 conv's backward). Elsewhere (CUDA, bf16, no compiler) the same math runs as PyTorch ops.
 """
 
@@ -62,6 +66,34 @@ def swiglu(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+NORM_MODES = {None: 0, "l2": 1, "rms": 2}
+
+
+def head_norms(x: Tensor, heads: int, modes: tuple[str | None, ...]) -> tuple[Tensor, ...]:
+    """Split x (B, T, P * heads * D) into its P parts, each into heads, and normalise each head's D features.
+
+    modes: one per part, "l2" (F.normalize: x / max(|x|, 1e-12)), "rms" (x * rsqrt(mean(x^2) + 1e-6)) or None.
+    Returns P tensors (B, heads, T, D); contiguous from the CPU kernel (the layout the memory op reads).
+    """
+    if _kernel_applies(x):
+        return _CpuHeadNorms.apply(x.contiguous(), heads, tuple(NORM_MODES[m] for m in modes))
+    return head_norms_torch(x, heads, modes)
+
+
+def head_norms_torch(x: Tensor, heads: int, modes: tuple[str | None, ...]) -> tuple[Tensor, ...]:
+    """The same as PyTorch ops (any device and dtype)."""
+    B, T, C = x.shape
+    out = []
+    for part, mode in zip(x.chunk(len(modes), dim=-1), modes):
+        y = part.view(B, T, heads, -1).transpose(1, 2)  # (B, H, T, D)
+        if mode == "l2":
+            y = F.normalize(y, dim=-1)
+        elif mode == "rms":
+            y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+        out.append(y)
+    return tuple(out)
+
+
 def available() -> bool:
     """True when the CPU kernels are built (building them now if needed)."""
     return _KERNEL.module() is not None
@@ -93,3 +125,20 @@ class _CpuSwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         (gate_up,) = ctx.saved_tensors
         return _KERNEL.module().swiglu_backward(grad.contiguous(), gate_up)
+
+
+class _CpuHeadNorms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, heads, modes):
+        *outs, scale, coef = _KERNEL.module().head_norms_forward(x, heads, list(modes))
+        ctx.save_for_backward(*outs, scale, coef)
+        ctx.set_materialize_grads(False)  # a part nobody differentiates (e.g. v without grad) costs no zeros
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        *outs, scale, coef = ctx.saved_tensors
+        empty = outs[0].new_empty(0)
+        grads = [empty if g is None else g.contiguous() for g in grads]
+        return _KERNEL.module().head_norms_backward(grads, outs, scale, coef), None, None

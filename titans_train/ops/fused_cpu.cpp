@@ -11,6 +11,12 @@
 //
 // 2. SwiGLU's gating: gu (R, 2H) = [gate | up] (the fused w13 projection), out (R, H) = silu(gate) * up; backward
 // d gu = [d out * up * silu'(gate) | d out * silu(gate)], one pass each way.
+//
+// 3. The memory's q / k / v split into heads and normalised per head: x (B, T, P * H * D) holds P parts (q, k, v),
+// each H heads of D; part p comes out as its own contiguous (B, H, T, D) tensor (the layout the memory op reads),
+// y = s * x with, by the part's mode, 0: s = 1 (a copy), 1: s = 1 / max(|x|, 1e-12) (F.normalize), 2:
+// s = rsqrt(mean(x^2) + 1e-6) (RMS). The backward is dx = s * (dy - c * y * <dy, y>) with c = 1 (L2; 0 where
+// |x| <= 1e-12 clamps the norm), 1 / D (RMS) or 0 (copy); s and c are kept per (part, row, head).
 
 #include "cpu_capability.h"
 
@@ -158,6 +164,93 @@ void swiglu_backward_impl(const T* grad, const T* gu, T* dgu, int64_t R, int64_t
   });
 }
 
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  V s0(T(0)), s1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
+    s0 = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), s0);
+    s1 = at::vec::fmadd(V::loadu(a + i + V::size()), V::loadu(b + i + V::size()), s1);
+  }
+  for (; i + V::size() <= n; i += V::size()) s0 = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), s0);
+  T lanes[V::size()];
+  (s0 + s1).store(lanes);
+  T s = 0;
+  for (int64_t l = 0; l < V::size(); l++) s += lanes[l];
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+// y = s * x (n elements); with g: y = s * (x - c * g * <x, g>) (the backward's dx from dy = x, y = g).
+template <typename T>
+inline void scale_into(const T* x, T s, T* y, int64_t n, const T* g = nullptr, T cg = T(0)) {
+  using V = Vectorized<T>;
+  int64_t i = 0;
+  if (g) {
+    for (; i + V::size() <= n; i += V::size())
+      (V(s) * at::vec::fmadd(V(-cg), V::loadu(g + i), V::loadu(x + i))).store(y + i);
+    for (; i < n; i++) y[i] = s * (x[i] - cg * g[i]);
+    return;
+  }
+  for (; i + V::size() <= n; i += V::size()) (V(s) * V::loadu(x + i)).store(y + i);
+  for (; i < n; i++) y[i] = s * x[i];
+}
+
+constexpr double kL2Eps = 1e-12, kRmsEps = 1e-6;
+
+template <typename T>
+void head_norms_forward_impl(const T* x, const std::vector<T*>& outs, T* scale, T* coef, const std::vector<int64_t>& modes,
+                             int64_t B, int64_t T_, int64_t H, int64_t D) {
+  const int64_t P = modes.size();
+  at::parallel_for(0, B * T_, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; r++) {
+      const int64_t b = r / T_, t = r % T_;
+      for (int64_t p = 0; p < P; p++)
+        for (int64_t h = 0; h < H; h++) {
+          const T* xi = x + (r * P + p) * H * D + h * D;
+          T* yi = outs[p] + ((b * H + h) * T_ + t) * D;
+          const int64_t idx = ((p * B + b) * H + h) * T_ + t;
+          T s = 1, c = 0;
+          if (modes[p] == 1) {
+            const T n = std::sqrt(dot(xi, xi, D));
+            s = n > T(kL2Eps) ? T(1) / n : T(1) / T(kL2Eps);
+            c = n > T(kL2Eps) ? T(1) : T(0);
+          } else if (modes[p] == 2) {
+            s = T(1) / std::sqrt(dot(xi, xi, D) / T(D) + T(kRmsEps));
+            c = T(1) / T(D);
+          }
+          scale[idx] = s;
+          coef[idx] = c;
+          scale_into(xi, s, yi, D);
+        }
+    }
+  });
+}
+
+template <typename T>
+void head_norms_backward_impl(const std::vector<const T*>& grads, const std::vector<const T*>& outs, const T* scale,
+                              const T* coef, T* dx, int64_t P, int64_t B, int64_t T_, int64_t H, int64_t D) {
+  at::parallel_for(0, B * T_, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; r++) {
+      const int64_t b = r / T_, t = r % T_;
+      for (int64_t p = 0; p < P; p++)
+        for (int64_t h = 0; h < H; h++) {
+          T* di = dx + (r * P + p) * H * D + h * D;
+          if (grads[p] == nullptr) {
+            std::fill(di, di + D, T(0));
+            continue;
+          }
+          const int64_t o = ((b * H + h) * T_ + t) * D, idx = ((p * B + b) * H + h) * T_ + t;
+          const T* dy = grads[p] + o;
+          const T* y = outs[p] + o;
+          const T c = coef[idx];
+          scale_into(dy, scale[idx], di, D, c != T(0) ? y : nullptr, c * dot(dy, y, D));
+        }
+    }
+  });
+}
+
 void check(const at::Tensor& seq, const at::Tensor& w, const at::Tensor& since) {
   TORCH_CHECK(seq.device().is_cpu() && w.device().is_cpu(), "causal conv CPU kernel: CPU tensors only");
   TORCH_CHECK(seq.is_contiguous() && w.is_contiguous() && since.is_contiguous(), "causal conv CPU kernel: contiguous");
@@ -223,9 +316,58 @@ at::Tensor swiglu_backward(at::Tensor grad, at::Tensor gu) {
   return dgu;
 }
 
+// x (B, T, P * H * D) -> P outputs (B, H, T, D), scale and coef (P, B, H, T).
+std::vector<at::Tensor> head_norms_forward(at::Tensor x, int64_t H, std::vector<int64_t> modes) {
+  const int64_t P = modes.size();
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 3 && P > 0 && x.size(2) % (P * H) == 0,
+              "head norms CPU kernel: x (B, T, P * H * D), contiguous");
+  for (auto m : modes) TORCH_CHECK(m >= 0 && m <= 2, "head norms CPU kernel: mode 0 (copy), 1 (L2) or 2 (RMS)");
+  const int64_t B = x.size(0), T_ = x.size(1), D = x.size(2) / (P * H);
+  std::vector<at::Tensor> result;
+  for (int64_t p = 0; p < P; p++) result.push_back(at::empty({B, H, T_, D}, x.options()));
+  at::Tensor scale = at::empty({P, B, H, T_}, x.options()), coef = at::empty({P, B, H, T_}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "head_norms_forward", [&] {
+    std::vector<scalar_t*> outs;
+    for (auto& o : result) outs.push_back(o.data_ptr<scalar_t>());
+    head_norms_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), outs, scale.data_ptr<scalar_t>(),
+                                      coef.data_ptr<scalar_t>(), modes, B, T_, H, D);
+  });
+  result.push_back(scale);
+  result.push_back(coef);
+  return result;
+}
+
+// grads: P tensors (B, H, T, D), an empty one for a part without gradient; outs: the forward's P outputs.
+at::Tensor head_norms_backward(std::vector<at::Tensor> grads, std::vector<at::Tensor> outs, at::Tensor scale,
+                               at::Tensor coef) {
+  const int64_t P = outs.size();
+  TORCH_CHECK(P > 0 && (int64_t)grads.size() == P && scale.is_contiguous() && coef.is_contiguous(),
+              "head norms CPU kernel: one gradient per output");
+  const int64_t B = outs[0].size(0), H = outs[0].size(1), T_ = outs[0].size(2), D = outs[0].size(3);
+  for (int64_t p = 0; p < P; p++) {
+    TORCH_CHECK(outs[p].is_contiguous() && outs[p].sizes() == outs[0].sizes(), "head norms CPU kernel: outputs");
+    TORCH_CHECK(grads[p].numel() == 0 || (grads[p].is_contiguous() && grads[p].sizes() == outs[0].sizes() &&
+                                          grads[p].scalar_type() == outs[0].scalar_type()),
+                "head norms CPU kernel: gradients (B, H, T, D), contiguous");
+  }
+  at::Tensor dx = at::empty({B, T_, P * H * D}, outs[0].options());
+  AT_DISPATCH_FLOATING_TYPES(outs[0].scalar_type(), "head_norms_backward", [&] {
+    std::vector<const scalar_t*> g, o;
+    for (int64_t p = 0; p < P; p++) {
+      g.push_back(grads[p].numel() ? grads[p].data_ptr<scalar_t>() : nullptr);
+      o.push_back(outs[p].data_ptr<scalar_t>());
+    }
+    head_norms_backward_impl<scalar_t>(g, o, scale.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(),
+                                       dx.data_ptr<scalar_t>(), P, B, T_, H, D);
+  });
+  return dx;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_forward", &conv_forward, "causal depthwise conv + SiLU, forward (CPU)");
   m.def("conv_backward", &conv_backward, "causal depthwise conv + SiLU, backward (CPU)");
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up of [gate | up], forward (CPU)");
   m.def("swiglu_backward", &swiglu_backward, "silu(gate) * up of [gate | up], backward (CPU)");
+  m.def("head_norms_forward", &head_norms_forward, "q / k / v split into heads and normalised, forward (CPU)");
+  m.def("head_norms_backward", &head_norms_backward, "q / k / v split into heads and normalised, backward (CPU)");
 }
