@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import memory_apply, memory_update
-from ..ops.fused import causal_conv_silu, head_norms
+from ..ops.fused import causal_conv_silu, gated_head_norm, head_norms
 from .state import StateMixin
 
 
@@ -459,11 +459,7 @@ class NeuralMemory(nn.Module):
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMS norm, SiLU gate from the layer input, output projection. y: (B, H, T, D) -> (B, T, dim)."""
-        y = y.to(x.dtype)
-        y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * self.out_norm[:, None, :]
-        B, H, T, D = y.shape
-        y = y.transpose(1, 2).reshape(B, T, H * D)
-        return self.out_proj(y * F.silu(self.gate(x)))
+        return self.out_proj(gated_head_norm(y.to(x.dtype), self.out_norm, self.gate(x)))
 
     def extra_repr(self) -> str:
         return (

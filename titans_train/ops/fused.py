@@ -1,5 +1,5 @@
 """Fused elementwise CPU kernels (`fused_cpu.cpp`): the memory's causal conv + SiLU, its per-head q / k / v
-normalisation, and SwiGLU's gating.
+normalisation and its gated read-out norm, and SwiGLU's gating.
 
 Why kernels: at long T a training step's small elementwise passes over (T, C) activations cost as much as large
 matmuls (BENCHMARKS.md, "Training-step breakdown"). As K shifted multiply-adds plus a SiLU, the conv is ~K + 1
@@ -7,7 +7,8 @@ passes over a (B, T, 3 x inner) tensor forward and ~3K + 2 backward (each tap's 
 gradient as a product and a sum, SiLU's backward); SwiGLU's silu(gate) * up is 2 forward and ~4 backward plus the
 copy that joins the two halves' gradients; splitting q / k / v into heads and normalising them was ~10 passes and
 copies (a transpose, F.normalize's norm, clamp and division, the RMS norm's square, mean, rsqrt and product, the
-memory op's copy of the transposed views), 15% of a memory layer's training step at T = 8192. The kernels make one
+memory op's copy of the transposed views), 15% of a memory layer's training step at T = 8192, and the read-out's
+per-head RMS norm, head merge and SiLU gate another ~12 passes. The kernels make one
 pass each way (per block of channels for the
 conv's backward). Elsewhere (CUDA, bf16, no compiler) the same math runs as PyTorch ops.
 """
@@ -94,6 +95,21 @@ def head_norms_torch(x: Tensor, heads: int, modes: tuple[str | None, ...]) -> tu
     return tuple(out)
 
 
+def gated_head_norm(y: Tensor, weight: Tensor, gate: Tensor) -> Tensor:
+    """Per-head RMS norm with a scale, heads merged, SiLU gate: y (B, H, T, D), weight (H, D), gate (B, T, H * D)
+    -> (B, T, H * D) = y * rsqrt(mean(y^2) + 1e-6) * weight (as (B, T, H * D)) * silu(gate)."""
+    if _kernel_applies(y, weight, gate):
+        return _CpuGatedHeadNorm.apply(y.contiguous(), weight.contiguous(), gate.contiguous())
+    return gated_head_norm_torch(y, weight, gate)
+
+
+def gated_head_norm_torch(y: Tensor, weight: Tensor, gate: Tensor) -> Tensor:
+    """The same as PyTorch ops (any device and dtype)."""
+    y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * weight[:, None, :]
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * D) * F.silu(gate)
+
+
 def available() -> bool:
     """True when the CPU kernels are built (building them now if needed)."""
     return _KERNEL.module() is not None
@@ -142,3 +158,16 @@ class _CpuHeadNorms(torch.autograd.Function):
         empty = outs[0].new_empty(0)
         grads = [empty if g is None else g.contiguous() for g in grads]
         return _KERNEL.module().head_norms_backward(grads, outs, scale, coef), None, None
+
+
+class _CpuGatedHeadNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, gate):
+        ctx.save_for_backward(y, weight, gate)
+        return _KERNEL.module().gated_norm_forward(y, weight, gate)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, weight, gate = ctx.saved_tensors
+        return tuple(_KERNEL.module().gated_norm_backward(grad.contiguous(), y, weight, gate))

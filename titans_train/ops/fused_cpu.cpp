@@ -17,6 +17,11 @@
 // y = s * x with, by the part's mode, 0: s = 1 (a copy), 1: s = 1 / max(|x|, 1e-12) (F.normalize), 2:
 // s = rsqrt(mean(x^2) + 1e-6) (RMS). The backward is dx = s * (dy - c * y * <dy, y>) with c = 1 (L2; 0 where
 // |x| <= 1e-12 clamps the norm), 1 / D (RMS) or 0 (copy); s and c are kept per (part, row, head).
+//
+// 4. The memory's read-out gate: y (B, H, T, D) per-head RMS-normalised with a scale w (H, D), heads merged and
+// gated, out (B, T, H * D) = n * w * silu(g), n = y * rsqrt(mean(y^2) + 1e-6), g (B, T, H * D) the gate
+// projection. Backward: dg = dout * n * w * silu'(g), dn = dout * silu(g) * w, dw = sum over rows of
+// dout * silu(g) * n (per-thread partial sums), dy = r * (dn - n * <dn, n> / D).
 
 #include "cpu_capability.h"
 
@@ -251,6 +256,74 @@ void head_norms_backward_impl(const std::vector<const T*>& grads, const std::vec
   });
 }
 
+template <typename T>
+void gated_norm_forward_impl(const T* y, const T* w, const T* g, T* out, int64_t B, int64_t T_, int64_t H, int64_t D) {
+  using V = Vectorized<T>;
+  at::parallel_for(0, B * T_, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; r++) {
+      const int64_t b = r / T_, t = r % T_;
+      for (int64_t h = 0; h < H; h++) {
+        const T* yi = y + ((b * H + h) * T_ + t) * D;
+        const T* wi = w + h * D;
+        const T* gi = g + r * H * D + h * D;
+        T* oi = out + r * H * D + h * D;
+        const T rs = T(1) / std::sqrt(dot(yi, yi, D) / T(D) + T(kRmsEps));
+        int64_t c = 0;
+        for (; c + V::size() <= D; c += V::size()) {
+          V x = V::loadu(gi + c);
+          (V::loadu(yi + c) * V(rs) * V::loadu(wi + c) * (x / (V(T(1)) + x.neg().exp()))).store(oi + c);
+        }
+        for (; c < D; c++) oi[c] = yi[c] * rs * wi[c] * gi[c] * sigmoid(gi[c]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void gated_norm_backward_impl(const T* dout, const T* y, const T* w, const T* g, T* dy, T* dw, T* dg, int64_t B,
+                              int64_t T_, int64_t H, int64_t D) {
+  using V = Vectorized<T>;
+  const int nt = at::get_num_threads();
+  std::vector<T> part((int64_t)nt * H * D, T(0));  // dw per thread
+  at::parallel_for(0, B * T_, 16, [&](int64_t lo, int64_t hi) {
+    T* acc = part.data() + (int64_t)at::get_thread_num() * H * D;
+    std::vector<T> dn(D), n(D);
+    for (int64_t r = lo; r < hi; r++) {
+      const int64_t b = r / T_, t = r % T_;
+      for (int64_t h = 0; h < H; h++) {
+        const int64_t o = ((b * H + h) * T_ + t) * D, og = r * H * D + h * D;
+        const T* yi = y + o;
+        const T* wi = w + h * D;
+        const T* gi = g + og;
+        const T* di = dout + og;
+        T* dgi = dg + og;
+        T* ai = acc + h * D;
+        const T rs = T(1) / std::sqrt(dot(yi, yi, D) / T(D) + T(kRmsEps));
+        int64_t c = 0;
+        for (; c + V::size() <= D; c += V::size()) {
+          V x = V::loadu(gi + c), sg = V(T(1)) / (V(T(1)) + x.neg().exp()), d = V::loadu(di + c);
+          V nv = V::loadu(yi + c) * V(rs), wv = V::loadu(wi + c), ds = d * x * sg;  // dout * silu(g)
+          (d * nv * wv * sg * (V(T(1)) + x * (V(T(1)) - sg))).store(dgi + c);
+          (ds * wv).store(dn.data() + c);
+          nv.store(n.data() + c);
+          at::vec::fmadd(ds, nv, V::loadu(ai + c)).store(ai + c);
+        }
+        for (; c < D; c++) {
+          const T sg = sigmoid(gi[c]), nv = yi[c] * rs, ds = di[c] * gi[c] * sg;
+          dgi[c] = di[c] * nv * wi[c] * sg * (T(1) + gi[c] * (T(1) - sg));
+          dn[c] = ds * wi[c];
+          n[c] = nv;
+          ai[c] += ds * nv;
+        }
+        scale_into(dn.data(), rs, dy + o, D, n.data(), dot(dn.data(), n.data(), D) / T(D));
+      }
+    }
+  });
+  std::fill(dw, dw + H * D, T(0));
+  for (int i = 0; i < nt; i++)
+    for (int64_t c = 0; c < H * D; c++) dw[c] += part[(int64_t)i * H * D + c];
+}
+
 void check(const at::Tensor& seq, const at::Tensor& w, const at::Tensor& since) {
   TORCH_CHECK(seq.device().is_cpu() && w.device().is_cpu(), "causal conv CPU kernel: CPU tensors only");
   TORCH_CHECK(seq.is_contiguous() && w.is_contiguous() && since.is_contiguous(), "causal conv CPU kernel: contiguous");
@@ -363,6 +436,38 @@ at::Tensor head_norms_backward(std::vector<at::Tensor> grads, std::vector<at::Te
   return dx;
 }
 
+void check_gated_norm(const at::Tensor& y, const at::Tensor& w, const at::Tensor& g) {
+  TORCH_CHECK(y.device().is_cpu() && y.is_contiguous() && w.is_contiguous() && g.is_contiguous() && y.dim() == 4 &&
+                  w.dim() == 2 && w.size(0) == y.size(1) && w.size(1) == y.size(3) && g.dim() == 3 &&
+                  g.size(0) == y.size(0) && g.size(1) == y.size(2) && g.size(2) == y.size(1) * y.size(3) &&
+                  w.scalar_type() == y.scalar_type() && g.scalar_type() == y.scalar_type(),
+              "gated head norm CPU kernel: y (B, H, T, D), w (H, D), g (B, T, H * D), contiguous, one dtype");
+}
+
+at::Tensor gated_norm_forward(at::Tensor y, at::Tensor w, at::Tensor g) {
+  check_gated_norm(y, w, g);
+  const int64_t B = y.size(0), H = y.size(1), T_ = y.size(2), D = y.size(3);
+  at::Tensor out = at::empty_like(g);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gated_norm_forward", [&] {
+    gated_norm_forward_impl<scalar_t>(y.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                      out.data_ptr<scalar_t>(), B, T_, H, D);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> gated_norm_backward(at::Tensor dout, at::Tensor y, at::Tensor w, at::Tensor g) {
+  check_gated_norm(y, w, g);
+  TORCH_CHECK(dout.is_contiguous() && dout.sizes() == g.sizes(), "gated head norm CPU kernel: dout like g");
+  const int64_t B = y.size(0), H = y.size(1), T_ = y.size(2), D = y.size(3);
+  at::Tensor dy = at::empty_like(y), dw = at::empty_like(w), dg = at::empty_like(g);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gated_norm_backward", [&] {
+    gated_norm_backward_impl<scalar_t>(dout.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                       g.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                                       dg.data_ptr<scalar_t>(), B, T_, H, D);
+  });
+  return {dy, dw, dg};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_forward", &conv_forward, "causal depthwise conv + SiLU, forward (CPU)");
   m.def("conv_backward", &conv_backward, "causal depthwise conv + SiLU, backward (CPU)");
@@ -370,4 +475,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_backward", &swiglu_backward, "silu(gate) * up of [gate | up], backward (CPU)");
   m.def("head_norms_forward", &head_norms_forward, "q / k / v split into heads and normalised, forward (CPU)");
   m.def("head_norms_backward", &head_norms_backward, "q / k / v split into heads and normalised, backward (CPU)");
+  m.def("gated_norm_forward", &gated_norm_forward, "per-head RMS norm, heads merged, SiLU gate, forward (CPU)");
+  m.def("gated_norm_backward", &gated_norm_backward, "per-head RMS norm, heads merged, SiLU gate, backward (CPU)");
 }
