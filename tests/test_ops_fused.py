@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from titans_train.ops import fused
-from titans_train.ops.fused import causal_conv_silu, causal_conv_silu_taps, gated_head_norm, head_norms, head_norms_torch, swiglu
+from titans_train.ops.fused import causal_conv_silu, causal_conv_silu_taps, gated_head_norm, gated_head_norm_torch, head_norms, head_norms_torch, swiglu
 
 TOL = 1e-12
 
@@ -179,16 +179,19 @@ def gated_head_norm_reference(y, weight, gate):
     return torch.cat(heads, dim=-1) * gate * torch.sigmoid(gate)
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("shape", [(2, 3, 9, 37), (1, 4, 300, 64)], ids=["odd", "layer"])
-def test_gated_head_norm_matches_reference(shape):
+def test_gated_head_norm_matches_reference(path, shape):
     """float64 forward and every gradient (y, weight, gate); float32 at the layer's shape."""
-    _kernel()
+    if path == "kernel":
+        _kernel()
+    fn = gated_head_norm if path == "kernel" else gated_head_norm_torch
     B, H, T, D = shape
     g = torch.Generator().manual_seed(5)
     y = torch.randn(B, H, T, D, dtype=torch.float64, generator=g).requires_grad_()
     w = (1 + 0.3 * torch.randn(H, D, dtype=torch.float64, generator=g)).requires_grad_()
     gate = (2 * torch.randn(B, T, H * D, dtype=torch.float64, generator=g)).requires_grad_()
-    out, ref = gated_head_norm(y, w, gate), gated_head_norm_reference(y, w, gate)
+    out, ref = fn(y, w, gate), gated_head_norm_reference(y, w, gate)
     assert out.shape == (B, T, H * D) and (out - ref).abs().max() <= TOL
     grad = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
     got = torch.autograd.grad(out, (y, w, gate), grad)
@@ -196,7 +199,7 @@ def test_gated_head_norm_matches_reference(shape):
     for a, b in zip(got, want):
         assert a.abs().max() > 0 and (a - b).abs().max() <= TOL * max(1.0, b.abs().max().item())
     f32 = [t.detach().float().requires_grad_() for t in (y, w, gate)]
-    out32 = gated_head_norm(*f32)
+    out32 = fn(*f32)
     torch.testing.assert_close(out32.double(), ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(out32, f32, grad.float()), want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
