@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from titans_train.config import ModelConfig
 from titans_train.models import State, build_model
 
-VARIANTS = ["lmm", "mac", "mag", "mal", "transformer"]
+VARIANTS = ["lmm", "mac", "mac_paper_product", "mag", "mal", "transformer"]
 TOL = 1e-8  # float64, the issue's bound
 T = 37  # not a multiple of the memory chunk (4), the window (6) or the MAC segment (8)
 
@@ -20,6 +20,8 @@ def tiny(variant: str, **over) -> ModelConfig:
               n_persistent=3, segment_len=8, mac_memory_tokens=4, memory=dict(chunk_size=4))
     if variant == "transformer":
         kw.update(window=None, n_persistent=0)
+    if variant == "mac_paper_product":  # MAC combining y and the memory as the paper does, y * g(o)
+        kw.update(variant="mac", mac_output_norm=False)
     kw.update(over)
     return ModelConfig(**kw)
 
@@ -66,7 +68,7 @@ def test_pieces_with_state_equal_one_call(variant):
     toks = tokens()
     full, state_full = model(toks)
     splits = [random_split(T, s) for s in range(3)]
-    if variant == "mac":
+    if variant.startswith("mac"):
         splits.append([8, 16, 8, 5])  # on segment boundaries (what the issue requires); the others need not be
     for sizes in splits:
         pieces, state = run_pieces(model, toks, sizes)
@@ -165,6 +167,21 @@ def test_mac_memory_tokens_enter_attention():
     other.load_state_dict(model.state_dict())
     changed, _ = other(toks)
     assert (changed - base).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_mac_output_norm_makes_the_block_invariant_to_the_attention_scale(output_norm):
+    """`mac_output_norm`: out = norm(y) * g(norm(o)) with the memory written from norm(y), so scaling the attention
+    output projection changes nothing; the paper's bare product y * g(o) scales with it."""
+    model = make("mac", mac_output_norm=output_norm, norm_eps=1e-30)  # y is small at init: eps would show
+    toks = tokens(length=20)
+    base, _ = model(toks)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.wo.weight.mul_(7.0)
+    scaled, _ = model(toks)
+    diff = (scaled - base).abs().max()
+    assert diff <= 1e-9 if output_norm else diff > 1e-3
 
 
 def test_build_model_from_mapping_and_unknown_variant():

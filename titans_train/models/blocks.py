@@ -173,7 +173,8 @@ class MACBlock(nn.Module):
         y = attn([P || c || x])                 causal; token i sees a memory token only once its group <= i
         o, M_s = M_{s-1}(norm(y))               update the memory with y (RMS-normalised, as every block's
                                                 memory input); o_t read with the weights after t
-        out = y * gate(o)                       sigmoid gate by default
+        out = y * gate(o)                       sigmoid gate by default; with `mac_output_norm`
+                                                norm_a(y) * gate(norm_m(o)), as in MAG
 
     then x + out and the MLP. `norm(y)` matters: y is the attention output on the residual stream's scale (|y|
     40-730 per token measured in a tiny MAC at step 200 where a normalised input has 16), and the memory's rate
@@ -192,6 +193,11 @@ class MACBlock(nn.Module):
         self.memory = make_memory(cfg)
         self.memory_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # on y, the memory's update input
         self.gate = GATES[cfg.gate]
+        if cfg.mac_output_norm:
+            self.attn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.memory_out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        else:
+            self.attn_out_norm = self.memory_out_norm = nn.Identity()
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden_size())
 
@@ -250,7 +256,7 @@ class MACBlock(nn.Module):
         y = self.attn.attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mod,
                              mask_key=("mac", n_prefix, n_mem, self.stride, n_old))  # (B, t, dim)
         o, memory = self.memory(self.memory_norm(y), st.memory, reset)  # o_t uses the weights after token t
-        out = y * self.gate(o)
+        out = self.attn_out_norm(y) * self.gate(self.memory_out_norm(o))
         if n_old + t < self.segment_len:
             return out, MACLayerState(retrieval, memory, h[:, complete:], k_mem, v_mem, k_seg, v_seg)
         # Segment complete: the updated memory is what the next segment reads, with the query stream's conv tail.
