@@ -173,8 +173,8 @@ class MACBlock(nn.Module):
         y = attn([P || c || x])                 causal; token i sees a memory token only once its group <= i
         o, M_s = M_{s-1}(norm(y))               update the memory with y (RMS-normalised, as every block's
                                                 memory input); o_t read with the weights after t
-        out = y * gate(o)                       sigmoid gate by default; with `mac_output_norm`
-                                                norm_a(y) * gate(norm_m(o)), as in MAG
+        out = norm_a(y) * gate(norm_m(o))       as in MAG (`mac_output_norm`, default); false: the paper's
+                                                y * gate(o), whose small y trained slowly. Sigmoid gate by default
 
     then x + out and the MLP. `norm(y)` matters: y is the attention output on the residual stream's scale (|y|
     40-730 per token measured in a tiny MAC at step 200 where a normalised input has 16), and the memory's rate
